@@ -1,0 +1,135 @@
+"""Make the tiny T5 and CLIP encoders and tokenizers the debug flavor uses offline.
+
+    python -m flux.scripts.make_debug_assets [--out flux/assets]
+
+Writes flux/assets/t5-debug/ and flux/assets/clip-debug/: configs, tokenizers trained on
+the shapes captions plus a little general text, and seeded random weights, each folder
+loadable with `from_pretrained(folder)` exactly as the real encoders are. The output is
+committed; run this only to change it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flux.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+
+GENERAL_TEXT = (
+    "a photo of a cat sitting on a chair in the garden, an oil painting of mountains at "
+    "sunset, the quick brown fox jumps over the lazy dog, a portrait of a woman with long "
+    "hair, a city street at night with neon lights, 0 1 2 3 4 5 6 7 8 9"
+)
+
+
+def corpus() -> list[str]:
+    lines = [GENERAL_TEXT]
+    for color in COLORS:
+        for shape in SHAPES:
+            for size in SIZES:
+                for position in POSITIONS:
+                    for background in BACKGROUNDS:
+                        lines.append(
+                            f"a {size} {color} {shape} at {position} on a {background} background"
+                        )
+    return lines
+
+
+def make_t5(out: Path, d_model: int) -> None:
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "corpus.txt"
+        text.write_text("\n".join(corpus()))
+        spm.SentencePieceTrainer.train(
+            input=str(text),
+            model_prefix=str(Path(tmp) / "spiece"),
+            vocab_size=80,
+            model_type="unigram",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+        )
+
+        pieces = spm.SentencePieceProcessor(model_file=str(Path(tmp) / "spiece.model"))
+        vocab = [(pieces.id_to_piece(i), pieces.get_score(i)) for i in range(len(pieces))]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(out)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=80,
+        d_model=d_model,
+        d_kv=16,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    T5EncoderModel(config).save_pretrained(out)
+
+
+def make_clip(out: Path, hidden: int) -> None:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Lowercase()
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=160,
+        special_tokens=special,
+        end_of_word_suffix="</w>",
+        initial_alphabet=[chr(c) for c in range(ord("a"), ord("z") + 1)],
+    )
+    bpe.train_from_iterator(corpus(), trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.model.save(tmp)
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+        merges = (Path(tmp) / "merges.txt").read_text()
+        (Path(tmp) / "merges.txt").write_text(
+            merges if merges.startswith("#") else "#version: 0.2\n" + merges
+        )
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), pad_token="<|endoftext|>"
+        )
+        tokenizer.save_pretrained(out)
+    torch.manual_seed(1)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    CLIPTextModel(config).save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from flux.model.args import flux_configs
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets")
+    args = parser.parse_args(argv)
+    debug = flux_configs["flux-debug"]
+    make_t5(args.out / "t5-debug", debug.context_in_dim)
+    make_clip(args.out / "clip-debug", debug.vec_in_dim)
+    print(f"wrote {args.out / 't5-debug'} and {args.out / 'clip-debug'}")
+
+
+if __name__ == "__main__":
+    main()
