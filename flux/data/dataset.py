@@ -1,15 +1,15 @@
 """The training dataset: captioned images from a source, sharded by data-parallel rank,
 with a state that torchtitan's checkpoint saves so a resumed run continues exactly.
 
-Rank r of W reads the source's samples r, r + W, r + 2W, ... in a per-epoch order fixed by
-the seed. Its state is one number, how many of its samples it has consumed, so a restart
-(even mid-epoch) yields exactly the samples the unbroken run would have seen.
+Indexed sources (`shapes`, `imagefolder`): rank r of W reads samples r, r + W, r + 2W, ...
+of a seeded per-epoch order, and its state is how many it has consumed. Streamed sources
+(`webdataset`, `cc12m-wds`) keep their position in the stream (webdataset.py).
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +22,16 @@ from torch.utils.data import IterableDataset
 from flux.data.imagefolder import BadSample, list_images, load_pair
 from flux.data.shapes import shapes_sample
 from flux.data.transforms import image_to_tensor
+from flux.data.webdataset import CC12M_HUB_ID, RecordStream, decode_record, hub_shards, local_shards
 
-SOURCES = ("shapes", "imagefolder")
+SOURCES = ("shapes", "imagefolder", "webdataset", "cc12m-wds")
 
 
 @dataclass
 class Sample:
     image: torch.Tensor  # (3, H, W) in [-1, 1]
     caption: str
-    index: int  # the source's sample index: lets tests check disjointness and resumption
+    key: str  # where the sample came from: "17" (index), a path, or "shard.tar:KEY"
 
 
 class CaptionedImages(IterableDataset, Stateful):
@@ -49,14 +50,23 @@ class CaptionedImages(IterableDataset, Stateful):
             raise ValueError(f"unknown dataset {source!r}: choose one of {', '.join(SOURCES)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of {world_size}")
+        if source in ("imagefolder", "webdataset") and path is None:
+            raise ValueError(f"dataset {source!r} needs dataset_path: the folder of its files")
         self.source, self.img_size, self.seed = source, img_size, seed
         self.rank, self.world_size = rank, world_size
+        self.path = Path(path) if path is not None else None
         self.files = list_images(path) if source == "imagefolder" else []  # type: ignore[arg-type]
-        self.consumed = 0  # samples of this rank's stream handed out (or skipped)
-        self.skipped: Counter[str] = Counter()
+        self.stream: RecordStream | None = None
+        if source == "webdataset":
+            self.stream = local_shards(path, rank, world_size, seed)  # type: ignore[arg-type]
+        elif source == "cc12m-wds":
+            self.stream = hub_shards(str(path or CC12M_HUB_ID), rank, world_size, seed)
+        self.consumed = 0  # indexed sources: samples of this rank's order handed out or skipped
+        self.skipped: Counter[str] = Counter()  # reason -> count
+        self.skip_examples: deque[str] = deque(maxlen=8)  # the latest "where: reason"
 
+    # -- indexed sources ------------------------------------------------------------------
     def _source_index(self, position: int) -> int:
-        """The source sample at this rank's position in its stream."""
         global_position = self.rank + position * self.world_size
         if self.source == "shapes":
             return global_position  # unbounded: no epochs
@@ -65,52 +75,91 @@ class CaptionedImages(IterableDataset, Stateful):
         random.Random(self.seed * 7919 + epoch).shuffle(order)
         return order[offset]
 
-    def _load(self, index: int) -> Sample:
-        if self.source == "shapes":
-            image, caption = shapes_sample(self.seed, index, self.img_size)
-        else:
-            image, caption = load_pair(self.files[index])
-        try:
-            tensor = image_to_tensor(image, self.img_size)
-        except ValueError as e:
-            raise BadSample(str(e)) from e
-        return Sample(tensor, caption, index)
-
-    def __iter__(self) -> Iterator[Sample]:
-        consecutive_bad = 0
+    def _indexed(self) -> Iterator[tuple[str, Any]]:
         while True:
             index = self._source_index(self.consumed)
             self.consumed += 1
-            try:
-                sample = self._load(index)
-            except BadSample as e:
-                where = self.files[index] if self.files else f"sample {index}"
-                self.skipped[f"{where}: {e}"] += 1
-                consecutive_bad += 1
-                if consecutive_bad >= max(len(self.files), 1):
-                    self._check_some_sample_is_usable()
-                    consecutive_bad = 0
-                continue
-            consecutive_bad = 0
-            yield sample
+            if self.source == "shapes":
+                yield str(index), lambda i=index: shapes_sample(self.seed, i, self.img_size)
+            else:
+                yield str(self.files[index]), lambda i=index: load_pair(self.files[i])
 
-    def _check_some_sample_is_usable(self) -> None:
-        """Fail (naming the path) when no sample of the source can be used at all."""
-        for index in range(max(len(self.files), 1)):
+    def _streamed(self) -> Iterator[tuple[str, Any]]:
+        assert self.stream is not None
+        for where, record in self.stream.records():
+            yield where, lambda r=record: decode_record(r)
+
+    # -- all sources ----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Sample]:
+        records = self._indexed() if self.stream is None else self._streamed()
+        bad_in_a_row = 0
+        for where, load in records:
             try:
-                self._load(index)
-                return
-            except BadSample as e:
-                error = e
-        root = self.files[0].parent if self.files else self.source
-        raise ValueError(f"no usable sample in {root}: every image was skipped (e.g. {error})")
+                image, caption = load()
+                tensor = image_to_tensor(image, self.img_size)
+            except (BadSample, ValueError) as e:
+                self._skip(where, str(e))
+                bad_in_a_row += 1
+                if bad_in_a_row >= self._patience():
+                    self._check_some_sample_is_usable(e)
+                    bad_in_a_row = 0
+                continue
+            bad_in_a_row = 0
+            yield Sample(tensor, caption, where)
+
+    def _skip(self, where: str, reason: str) -> None:
+        self.skipped[reason.split(":")[0]] += 1
+        self.skip_examples.append(f"{where}: {reason}")
+
+    def _patience(self) -> int:
+        if self.files:
+            return len(self.files)
+        return 10_000 if self.stream is not None else 1
+
+    def _check_some_sample_is_usable(self, error: Exception) -> None:
+        """Fail (naming the path) when the source has no usable sample at all."""
+        where = self.path or self.source
+        if self.files:
+            for file in self.files:
+                try:
+                    image_to_tensor(load_pair(file)[0], self.img_size)
+                    return
+                except (BadSample, ValueError):
+                    continue
+        raise ValueError(
+            f"no usable sample in {where}: every sample was skipped "
+            f"(latest: {self.skip_examples[-1] if self.skip_examples else error})"
+        )
+
+    def skip_report(self) -> str:
+        """One line for the log: what was skipped so far, and where, most recent last."""
+        shards = self.stream.bad_shards if self.stream is not None else []
+        if not self.skipped and not shards:
+            return ""
+        counts = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+        parts = [f"skipped samples: {counts}" if counts else ""]
+        if shards:
+            parts.append(f"unreadable shards: {len(shards)} (latest {shards[-1]})")
+        if self.skip_examples:
+            parts.append(f"latest: {'; '.join(self.skip_examples)}")
+        return " | ".join(p for p in parts if p)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.stream is not None:
+            return {"stream": self.stream.state_dict(), "world_size": self.world_size}
         return {"consumed": self.consumed, "world_size": self.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["world_size"] != self.world_size:
-            # Another world size: each rank's stream changes; continue from the same global
+        if self.stream is not None:
+            if state_dict["world_size"] != self.world_size:
+                raise ValueError(
+                    f"the {self.source} stream was saved with {state_dict['world_size']} data-"
+                    f"parallel ranks and cannot resume on {self.world_size}: keep the "
+                    "data-parallel degree, or start its data from the beginning"
+                )
+            self.stream.load_state_dict(state_dict["stream"])
+        elif state_dict["world_size"] != self.world_size:
+            # Another world size: each rank's order changes; continue from the same global
             # position so no sample before it is read again.
             global_consumed = state_dict["consumed"] * state_dict["world_size"]
             self.consumed = -(-global_consumed // self.world_size)

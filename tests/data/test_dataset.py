@@ -7,8 +7,8 @@ from PIL import Image
 from flux.data.dataset import CaptionedImages
 
 
-def take(dataset: CaptionedImages, n: int) -> list[int]:
-    return [sample.index for sample in itertools.islice(iter(dataset), n)]
+def take(dataset: CaptionedImages, n: int) -> list[str]:
+    return [sample.key for sample in itertools.islice(iter(dataset), n)]
 
 
 def make_folder(root: Path, n: int) -> Path:
@@ -43,7 +43,11 @@ def test_resume_continues_with_the_same_samples(source: str, tmp_path: Path) -> 
 def test_imagefolder_epochs_cover_every_file_in_a_new_order(tmp_path: Path) -> None:
     path = make_folder(tmp_path / "data", 6)
     indices = take(CaptionedImages("imagefolder", 16, path=path), 12)
-    assert sorted(indices[:6]) == sorted(indices[6:]) == list(range(6))
+    assert (
+        sorted(indices[:6])
+        == sorted(indices[6:])
+        == [str(path / f"img{i:03d}.png") for i in range(6)]
+    )
     assert indices[:6] != indices[6:]
 
 
@@ -57,10 +61,13 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     dataset = CaptionedImages("imagefolder", 16, path=path)
     samples = list(itertools.islice(iter(dataset), 3))
     assert {s.caption for s in samples} == {"caption 3"}
-    reasons = " ".join(dataset.skipped)
+    reasons = " ".join(dataset.skip_examples)
     for expected in ("img000.png: undecodable", "img001.png: undecodable", "empty caption"):
         assert expected in reasons
     assert "no readable caption img004.txt" in reasons
+    assert dataset.skipped["undecodable image"] >= 2
+    report = dataset.skip_report()
+    assert "undecodable image" in report and "img000.png" in report
 
 
 def test_a_folder_with_no_usable_sample_names_its_path(tmp_path: Path) -> None:
@@ -81,10 +88,10 @@ def test_missing_folder_and_unknown_source_are_refused(tmp_path: Path) -> None:
 
 def test_resume_on_another_world_size_repeats_nothing() -> None:
     before = [CaptionedImages("shapes", 8, rank=r, world_size=2) for r in range(2)]
-    seen = {i for d in before for i in take(d, 3)}
+    seen = {int(i) for d in before for i in take(d, 3)}
     after = [CaptionedImages("shapes", 8, rank=r, world_size=3) for r in range(3)]
     for d in after:
         d.load_state_dict(before[0].state_dict())
-    later = [i for d in after for i in take(d, 2)]
+    later = [int(i) for d in after for i in take(d, 2)]
     assert not seen & set(later) and len(set(later)) == 6
     assert min(later) == max(seen) + 1
