@@ -61,13 +61,17 @@ class CaptionedImages(IterableDataset, Stateful):
             self.stream = local_shards(path, rank, world_size, seed)  # type: ignore[arg-type]
         elif source == "cc12m-wds":
             self.stream = hub_shards(str(path or CC12M_HUB_ID), rank, world_size, seed)
+        # (reader, readers): this rank, or one of its dataloader workers (set in __iter__).
+        self._reader = (rank, world_size)
+        self._pending_state: dict[str, Any] | None = None
         self.consumed = 0  # indexed sources: samples of this rank's order handed out or skipped
         self.skipped: Counter[str] = Counter()  # reason -> count
         self.skip_examples: deque[str] = deque(maxlen=8)  # the latest "where: reason"
 
     # -- indexed sources ------------------------------------------------------------------
     def _source_index(self, position: int) -> int:
-        global_position = self.rank + position * self.world_size
+        rank, world_size = self._reader
+        global_position = rank + position * world_size
         if self.source == "shapes":
             return global_position  # unbounded: no epochs
         epoch, offset = divmod(global_position, len(self.files))
@@ -91,6 +95,15 @@ class CaptionedImages(IterableDataset, Stateful):
 
     # -- all sources ----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Sample]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.num_workers > 1 and self.stream is None:
+            # Each dataloader worker reads its own share (datasets' streams split
+            # themselves among workers).
+            self._reader = (
+                self.rank * worker.num_workers + worker.id,
+                self.world_size * worker.num_workers,
+            )
+        self._apply_pending_state()
         records = self._indexed() if self.stream is None else self._streamed()
         bad_in_a_row = 0
         for where, load in records:
@@ -145,9 +158,11 @@ class CaptionedImages(IterableDataset, Stateful):
         return " | ".join(p for p in parts if p)
 
     def state_dict(self) -> dict[str, Any]:
+        if self._pending_state is not None:  # loaded, not yet iterated
+            return self._pending_state
         if self.stream is not None:
             return {"stream": self.stream.state_dict(), "world_size": self.world_size}
-        return {"consumed": self.consumed, "world_size": self.world_size}
+        return {"consumed": self.consumed, "world_size": self._reader[1]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.stream is not None:
@@ -158,10 +173,18 @@ class CaptionedImages(IterableDataset, Stateful):
                     "data-parallel degree, or start its data from the beginning"
                 )
             self.stream.load_state_dict(state_dict["stream"])
-        elif state_dict["world_size"] != self.world_size:
-            # Another world size: each rank's order changes; continue from the same global
-            # position so no sample before it is read again.
-            global_consumed = state_dict["consumed"] * state_dict["world_size"]
-            self.consumed = -(-global_consumed // self.world_size)
         else:
-            self.consumed = state_dict["consumed"]
+            # Applied in __iter__, once this reader knows whether it is a dataloader worker.
+            self._pending_state = state_dict
+
+    def _apply_pending_state(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return
+        if state["world_size"] != self._reader[1]:
+            # Another number of readers: each one's order changes; continue from the same
+            # global position so no sample before it is read again.
+            global_consumed = state["consumed"] * state["world_size"]
+            self.consumed = -(-global_consumed // self._reader[1])
+        else:
+            self.consumed = state["consumed"]

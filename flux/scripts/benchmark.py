@@ -3,19 +3,28 @@
     python -m flux.scripts.benchmark model [--hidden 1536 --heads 12 --double 2 --single 4
                                             --img-tokens 256 --txt-tokens 256 --rounds 10]
 
+    python -m flux.scripts.benchmark data [--source shapes|webdataset --img-size 256
+                                           --batch 8 --workers 2 --batches 50]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
+`data`: samples/s of the data loader on one process (for `webdataset`, on shards of
+shapes images it writes to a temporary folder first, or on --path).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import statistics
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -112,6 +121,52 @@ def bench_model(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def _write_shapes_shards(root: Path, shards: int, per_shard: int, img_size: int) -> None:
+    """Local webdataset shards of shapes images as JPEG, for the loader benchmark."""
+    from flux.data.shapes import shapes_sample
+
+    for s in range(shards):
+        with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                image, caption = shapes_sample(0, i, img_size)
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=90)
+                for name, data in (
+                    (f"{i:08d}.jpg", buf.getvalue()),
+                    (f"{i:08d}.txt", caption.encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def bench_data(args: argparse.Namespace) -> dict[str, float]:
+    from flux.data.dataloader import CaptionedImageLoader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.path
+        if args.source == "webdataset" and path is None:
+            path = Path(tmp)
+            total = (args.batches + 5) * args.batch
+            _write_shapes_shards(path, 8, -(-total // 8), max(args.img_size, 256))
+        loader = CaptionedImageLoader(
+            args.source, args.img_size, args.batch, path=path, num_workers=args.workers
+        )
+        it = iter(loader)
+        for _ in range(3):  # start the workers
+            next(it)
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            next(it)
+        elapsed = time.perf_counter() - start
+    return {
+        "source": args.source,
+        "img_size": args.img_size,
+        "workers": args.workers,
+        "samples_per_s": args.batches * args.batch / elapsed,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,8 +181,25 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--rounds", type=int, default=10)
     model.add_argument("--warmup", type=int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
+    data = sub.add_parser("data", help="data loader throughput")
+    data.add_argument("--source", default="shapes", choices=["shapes", "webdataset", "imagefolder"])
+    data.add_argument("--path", type=Path, default=None)
+    data.add_argument("--img-size", type=int, default=256)
+    data.add_argument("--batch", type=int, default=8)
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--batches", type=int, default=50)
+    data.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
+    if args.command == "data":
+        result = bench_data(args)
+        print(
+            json.dumps(result)
+            if args.json
+            else f"{result['source']} {result['img_size']}px, {result['workers']} workers: "
+            f"{result['samples_per_s']:.1f} samples/s"
+        )
+        return
     result = bench_model(args)
     if args.json:
         print(json.dumps(result))

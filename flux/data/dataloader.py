@@ -1,0 +1,61 @@
+"""Batches of captioned images for one data-parallel rank, with resumable state.
+
+torchdata's StatefulDataLoader saves each worker's dataset state, so a resumed run
+continues with the samples the unbroken run would have seen, with or without workers.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchtitan.components.dataloader import BaseDataLoader
+
+from flux.data.dataset import CaptionedImages, Sample
+
+
+def collate(samples: list[Sample]) -> dict[str, Any]:
+    """Samples -> {"images": (B, 3, H, W), "captions": [str], "keys": [str]}."""
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "captions": [s.caption for s in samples],
+        "keys": [s.key for s in samples],
+    }
+
+
+class CaptionedImageLoader(StatefulDataLoader, BaseDataLoader):
+    """StatefulDataLoader over CaptionedImages, checkpointed per data-parallel rank."""
+
+    def __init__(
+        self,
+        source: str,
+        img_size: int,
+        batch_size: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        seed: int = 0,
+        path: str | Path | None = None,
+        num_workers: int = 0,
+    ):
+        self.dataset = CaptionedImages(source, img_size, dp_rank, dp_world_size, seed, path)
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        super().__init__(
+            self.dataset,
+            batch_size=batch_size,
+            collate_fn=collate,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        # Keyed by rank: DCP stores one entry per data-parallel rank.
+        return {f"dp_rank_{self.dp_rank}": pickle.dumps(super().state_dict())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        key = f"dp_rank_{self.dp_rank}"
+        if key in state_dict:
+            super().load_state_dict(pickle.loads(state_dict[key]))
