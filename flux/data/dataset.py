@@ -9,6 +9,7 @@ of a seeded per-epoch order, and its state is how many it has consumed. Streamed
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
+from torchtitan.tools.logging import logger
 
 from flux.data.imagefolder import BadSample, list_images, load_pair
 from flux.data.shapes import shapes_sample
@@ -45,6 +47,7 @@ class CaptionedImages(IterableDataset, Stateful):
         world_size: int = 1,
         seed: int = 0,
         path: str | Path | None = None,
+        report_every_s: float = 60.0,
     ):
         if source not in SOURCES:
             raise ValueError(f"unknown dataset {source!r}: choose one of {', '.join(SOURCES)}")
@@ -67,6 +70,8 @@ class CaptionedImages(IterableDataset, Stateful):
         self.consumed = 0  # indexed sources: samples of this rank's order handed out or skipped
         self.skipped: Counter[str] = Counter()  # reason -> count
         self.skip_examples: deque[str] = deque(maxlen=8)  # the latest "where: reason"
+        self.report_every_s = report_every_s
+        self._reported = (0.0, 0)  # (time, skips) of the last report
 
     # -- indexed sources ------------------------------------------------------------------
     def _source_index(self, position: int) -> int:
@@ -118,6 +123,7 @@ class CaptionedImages(IterableDataset, Stateful):
                     bad_in_a_row = 0
                 continue
             bad_in_a_row = 0
+            self._maybe_report()
             yield Sample(tensor, caption, where)
 
     def _skip(self, where: str, reason: str) -> None:
@@ -143,6 +149,14 @@ class CaptionedImages(IterableDataset, Stateful):
             f"no usable sample in {where}: every sample was skipped "
             f"(latest: {self.skip_examples[-1] if self.skip_examples else error})"
         )
+
+    def _maybe_report(self) -> None:
+        """Log what was skipped, at most every report_every_s, when something new was."""
+        skips = sum(self.skipped.values()) + (len(self.stream.bad_shards) if self.stream else 0)
+        now = time.monotonic()
+        if skips > self._reported[1] and now - self._reported[0] >= self.report_every_s:
+            logger.warning(f"dataset {self.source} (rank {self.rank}): {self.skip_report()}")
+            self._reported = (now, skips)
 
     def skip_report(self) -> str:
         """One line for the log: what was skipped so far, and where, most recent last."""

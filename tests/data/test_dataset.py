@@ -95,3 +95,19 @@ def test_resume_on_another_world_size_repeats_nothing() -> None:
     later = [int(i) for d in after for i in take(d, 2)]
     assert not seen & set(later) and len(set(later)) == 6
     assert min(later) == max(seen) + 1
+
+
+def test_skips_are_logged_periodically_with_where(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from torchtitan.tools.logging import logger
+
+    path = make_folder(tmp_path / "data", 3)
+    (path / "img001.png").write_bytes(b"junk")
+    dataset = CaptionedImages("imagefolder", 16, path=path, report_every_s=0.0)
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        take(dataset, 6)
+    reports = [r.getMessage() for r in caplog.records if "skipped samples" in r.getMessage()]
+    assert reports and "img001.png" in reports[0] and "undecodable image" in reports[0]
+    # Only when something new was skipped: one report per skip here, not one per sample.
+    assert 1 <= len(reports) <= dataset.skipped["undecodable image"] < 6
