@@ -16,6 +16,7 @@ from flux.model.layers import (
     LastLayer,
     MLPEmbedder,
     Modulation,
+    RMSNorm,
     SingleStreamBlock,
     timestep_embedding,
 )
@@ -92,7 +93,7 @@ class FluxModel(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif hasattr(module, "scale") and isinstance(module.scale, nn.Parameter):
+            elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.scale)
         embedders = [self.time_in, self.vector_in] + (
             [self.guidance_in] if self.guidance_in else []

@@ -30,6 +30,7 @@ import torch
 
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
+from flux.sampling import image_ids
 
 
 def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
@@ -70,11 +71,11 @@ def bench_model(args: argparse.Namespace) -> dict[str, float]:
         axes_dims_rope=tuple(model_args.axes_dim),
     ).to(device)
 
-    side = int(args.img_tokens**0.5)
+    side = int(args.img_tokens**0.5)  # a square image of img_tokens patches
+    if side * side != args.img_tokens:
+        raise ValueError(f"--img-tokens {args.img_tokens} is not a square number (e.g. 256, 1024)")
     img = torch.randn(args.batch, args.img_tokens, model_args.in_channels, device=device)
-    img_ids = torch.zeros(args.img_tokens, 3, device=device)
-    img_ids[:, 1] = torch.arange(args.img_tokens, device=device) // side
-    img_ids[:, 2] = torch.arange(args.img_tokens, device=device) % side
+    img_ids = image_ids(1, 2 * side, 2 * side, device)[0]
     txt = torch.randn(args.batch, args.txt_tokens, model_args.context_in_dim, device=device)
     txt_ids = torch.zeros(args.txt_tokens, 3, device=device)
     timesteps = torch.rand(args.batch, device=device)

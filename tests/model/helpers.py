@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flux.model.args import FluxModelArgs, flux_configs
+from flux.sampling import image_ids
 
 
 def small_args(**overrides: object) -> FluxModelArgs:
@@ -26,21 +27,13 @@ def randomize(module: nn.Module, seed: int = 0, std: float = 0.1) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def image_ids(batch: int, height: int, width: int) -> Tensor:
-    """(B, h·w, 3) positions [0, row, col] of packed latent patches."""
-    ids = torch.zeros(height, width, 3)
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
-    return ids.reshape(1, height * width, 3).expand(batch, -1, -1).clone()
-
-
 def model_inputs(
     args: FluxModelArgs, batch: int = 2, h: int = 4, w: int = 6, txt_len: int = 7, seed: int = 1
 ) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     inputs = {
         "img": torch.randn(batch, h * w, args.in_channels, generator=gen),
-        "img_ids": image_ids(batch, h, w),
+        "img_ids": image_ids(batch, 2 * h, 2 * w),  # h × w patches of a 2h × 2w latent
         "txt": torch.randn(batch, txt_len, args.context_in_dim, generator=gen),
         "txt_ids": torch.zeros(batch, txt_len, 3),
         "timesteps": torch.rand(batch, generator=gen),
