@@ -2,7 +2,8 @@
 cc12m layout, KEY.jpg/.png/.webp with KEY.txt or a KEY.json caption, read with `datasets`.
 
 Images are kept as bytes and decoded here, so one bad image is one skipped sample rather
-than a dead iterator; a shard that cannot be read to the end is skipped from that point.
+than a dead iterator. A shard the reader would stop on (truncated, or records holding
+different files) is found from its tar headers at start-up, skipped whole and reported.
 """
 
 from __future__ import annotations
