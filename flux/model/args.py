@@ -65,7 +65,10 @@ class FluxModelArgs(BaseModelArgs):
         return int(self.hidden_size * self.mlp_ratio)
 
     def update_from_config(self, job_config, **kwargs) -> None:  # noqa: ANN001
-        """Nothing in the model's shape comes from the job config; the trainer sets txt_seq_len."""
+        """The T5 length comes from the job's [encoder] section (FLOP counts need it)."""
+        encoder = getattr(job_config, "encoder", None)
+        if encoder is not None:
+            self.txt_seq_len = encoder.max_t5_encoding_len
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """Parameter count and training FLOPs per token for a sample of seq_len tokens.

@@ -217,7 +217,7 @@ def load_ae(
     if not path.is_file():
         raise FileNotFoundError(f"autoencoder weights not found at {path}: {DOWNLOAD_HINT}")
     ae = AutoEncoder(params)
-    state = load_file(str(path), device=str(device))
+    state = load_file(str(path))
     expected = ae.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -1,0 +1,95 @@
+"""The TOML sections this package adds to torchtitan's JobConfig.
+
+torchtitan merges these dataclasses field by field into its own (`job.custom_config_module =
+"flux.job_config"`): `[encoder]` and `[inference]` are new sections, and `[training]` and
+`[validation]` gain the fields below. Each docstring is what `--help` shows.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class Encoder:
+    t5_encoder: str = "t5-debug"
+    """T5 encoder and tokenizer: a hub id (google/t5-v1_1-xxl), a local folder saved with
+    save_pretrained, or t5-debug (the tiny one in flux/assets)"""
+
+    clip_encoder: str = "clip-debug"
+    """CLIP text encoder and tokenizer: a hub id (openai/clip-vit-large-patch14), a local
+    folder, or clip-debug"""
+
+    max_t5_encoding_len: int = 16
+    """T5 tokens per caption (padded or truncated): 256 for flux-schnell, 512 for flux-dev"""
+
+    autoencoder_path: str = "flux/assets/autoencoder-debug/ae.safetensors"
+    """The autoencoder's weights (ae.safetensors; fetch the published one with
+    flux/scripts/download_autoencoder.py)"""
+
+    encoder_dtype: Literal["bfloat16", "float32"] = "float32"
+    """Dtype of the frozen T5, CLIP and autoencoder"""
+
+
+@dataclass
+class Training:
+    img_size: int = 64
+    """Training images are resized and center-cropped to img_size × img_size"""
+
+    classifier_free_guidance_prob: float = 0.1
+    """Probability of replacing a caption with the empty prompt, for each encoder
+    independently (teaches the unconditional prediction classifier-free guidance needs)"""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "flux_shift"] = "flux_shift"
+    """Training timesteps: uniform, logit_normal (SD3), or flux_shift (logit-normal shifted by
+    the image's token count, as FLUX)"""
+
+    guidance: float = 1.0
+    """Value given to the guidance embedding during training (flavors that have one)"""
+
+    seed_data: int = 0
+    """Seed of the data order, caption dropout and noise streams (each rank derives its own)"""
+
+
+@dataclass
+class Validation:
+    img_size: int = 64
+    """Validation images are resized and center-cropped to img_size × img_size"""
+
+    loss_timesteps: int = 8
+    """Validation loss is averaged over this many fixed, evenly spaced timesteps in (0, 1)"""
+
+    sample_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a large red circle at the center on a white background",
+            "a large red square at the center on a black background",
+            "a large blue triangle at the center on a white background",
+            "a large green circle at the center on a gray background",
+        ]
+    )
+    """Prompts sampled at each validation, saved as one PNG grid per step"""
+
+    sampling_steps: int = 20
+    """Euler steps when sampling validation images"""
+
+    cfg_scale: float = 4.0
+    """Classifier-free guidance scale when sampling validation images (1 disables it)"""
+
+
+@dataclass
+class Inference:
+    prompts: list[str] = field(default_factory=list)
+    """Prompts to sample (or use prompts_path)"""
+
+    prompts_path: str = ""
+    """A text file with one prompt per line"""
+
+    save_path: str = "outputs/images"
+    """Folder the PNGs are written to"""
+
+
+@dataclass
+class JobConfig:
+    encoder: Encoder = field(default_factory=Encoder)
+    training: Training = field(default_factory=Training)
+    validation: Validation = field(default_factory=Validation)
+    inference: Inference = field(default_factory=Inference)

@@ -1,0 +1,145 @@
+"""parallelize_flux: activation checkpointing, torch.compile and FSDP/HSDP for FluxModel.
+
+Applied from outside the model, in one order: activation checkpointing, compile, then
+FSDP/HSDP. The plan is data: every double- and single-stream block is one FSDP unit (and
+one checkpointing/compile unit); the embedders and the final layer go with the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import cast
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+
+from flux.model.model import FluxModel
+
+BLOCK_LISTS = ("double_blocks", "single_blocks")  # the units of AC, compile and FSDP
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _blocks(model: nn.Module) -> Iterator[tuple[nn.ModuleList, int, nn.Module]]:
+    for name in BLOCK_LISTS:
+        blocks = getattr(model, name)
+        assert isinstance(blocks, nn.ModuleList)
+        for i, block in enumerate(blocks):
+            yield blocks, i, block
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str) -> None:
+    """mode 'full': every block recomputes its activations in backward; 'selective' with
+    selective_ac_option N: every N-th block does (counting double then single blocks)."""
+    if mode == "full":
+        every = 1
+    elif mode == "selective":
+        if not selective_option.isdigit() or int(selective_option) < 1:
+            raise ValueError(
+                f"activation_checkpoint.selective_ac_option {selective_option!r} is not "
+                "supported for flux: give a block interval N >= 1 (per-op selective "
+                "checkpointing is not implemented)"
+            )
+        every = int(selective_option)
+    else:
+        raise ValueError(f"activation_checkpoint.mode {mode!r}: use none, full or selective")
+    for n, (blocks, i, block) in enumerate(_blocks(model)):
+        if n % every == 0:
+            blocks.register_module(str(i), checkpoint_wrapper(block, preserve_rng_state=False))
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block on its own: blocks of one type share a graph, so compile time does
+    not grow with depth."""
+    for blocks, i, block in _blocks(model):
+        compiled = torch.compile(block, fullgraph=True)  # an OptimizedModule for a module
+        blocks.register_module(str(i), cast(nn.Module, compiled))
+
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    cpu_offload: bool,
+    reshard_after_forward: bool,
+) -> None:
+    """Shard every block, then the root (embedders, final layer)."""
+    config: dict = {
+        "mesh": dp_mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+    }
+    if cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+    for _, _, block in _blocks(model):
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **config)
+    # The root's parameters are needed again first in backward: keep them gathered.
+    fully_shard(model, reshard_after_forward=False, **config)
+
+
+def parallelize_flux(
+    model: FluxModel, parallel_dims: ParallelDims, job_config: JobConfig
+) -> nn.Module:
+    """The TrainSpec's parallelize_fn."""
+    for name, enabled in (
+        ("tensor_parallel_degree", parallel_dims.tp_enabled),
+        ("context_parallel_degree", parallel_dims.cp_enabled),
+        ("pipeline_parallel_degree", parallel_dims.pp_enabled),
+    ):
+        if enabled:
+            raise ValueError(f"parallelism.{name} > 1 is not supported for flux yet: set it to 1")
+
+    ac = job_config.activation_checkpoint
+    if ac.mode != "none":
+        apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    if job_config.compile.enable and "model" in job_config.compile.components:
+        apply_compile(model)
+
+    if parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled:
+        names = ["fsdp"]
+        if parallel_dims.dp_replicate_enabled:
+            names = ["dp_replicate", "fsdp"] if parallel_dims.dp_shard_enabled else ["dp_replicate"]
+        policy = job_config.parallelism.fsdp_reshard_after_forward
+        if policy not in ("default", "always", "never"):
+            raise ValueError(
+                f"parallelism.fsdp_reshard_after_forward {policy!r}: use default, always or never"
+            )
+        apply_fsdp(
+            model,
+            parallel_dims.get_mesh(names),
+            param_dtype=DTYPES[job_config.training.mixed_precision_param],
+            reduce_dtype=DTYPES[job_config.training.mixed_precision_reduce],
+            cpu_offload=job_config.training.enable_cpu_offload,
+            reshard_after_forward=policy != "never",
+        )
+    return model
+
+
+@contextmanager
+def forward_only(model: nn.Module) -> Iterator[None]:
+    """Evaluation runs forward only: no backward comes to reshard FSDP units whose
+    reshard_after_forward is off (the root), so turn it on for the duration, and restore
+    the training policy after. A checkpoint saved right after evaluation then sees sharded
+    parameters as usual."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    saved = [_reshard_after_forward(m) for m in units]
+    for unit in units:
+        unit.set_reshard_after_forward(True, recurse=False)
+    try:
+        yield
+    finally:
+        for unit, value in zip(units, saved):
+            unit.set_reshard_after_forward(value, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def _reshard_after_forward(unit: FSDPModule) -> bool:
+    state = unit._get_fsdp_state()  # noqa: SLF001 (FSDP2 exposes no getter for the policy)
+    group = state._fsdp_param_group
+    return bool(group is None or group.post_forward_mesh_info is not None)
