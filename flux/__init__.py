@@ -14,6 +14,7 @@ from flux.data.dataloader import CaptionedImageLoader
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallelize import parallelize_flux
+from flux.validate import build_flux_validator
 
 
 def build_flux_dataloader(
@@ -50,5 +51,6 @@ register_train_spec(
         build_dataloader_fn=build_flux_dataloader,
         build_tokenizer_fn=None,
         build_loss_fn=build_mse_loss,
+        build_validator_fn=build_flux_validator,
     ),
 )

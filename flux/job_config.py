@@ -52,6 +52,13 @@ class Training:
 
 @dataclass
 class Validation:
+    dataset: str = "shapes"
+    """Held-out data for the validation loss: a dataset source, as training.dataset (shapes
+    draws its validation samples from a seed of their own)"""
+
+    steps: int = 2
+    """Held-out batches per validation (the same ones each time)"""
+
     img_size: int = 64
     """Validation images are resized and center-cropped to img_size × img_size"""
 

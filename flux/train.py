@@ -28,6 +28,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from flux.config import ConfigError, check_config, parse_config
 from flux.data.caption_dropout import drop_captions
 from flux.device import use_cpu_if_no_accelerator
 from flux.model.args import FluxModelArgs
@@ -35,6 +36,7 @@ from flux.model.autoencoder import AutoEncoder, load_ae
 from flux.model.text_encoders import TextEncoder
 from flux.parallelize import DTYPES
 from flux.sampling import image_ids, pack_latents, sample_timesteps, text_ids
+from flux.validate import FluxValidator
 
 CLIP_MAX_LENGTH = 77
 
@@ -47,13 +49,47 @@ class FlowBatch:
     target: Tensor  # (B, L_img, C): noise - x0
 
 
-def step_generator(
-    seed: int, rank: int, step: int, micro: int, device: torch.device | str
+@dataclass
+class Encoded:
+    """A micro-batch after the frozen encoders."""
+
+    x0: Tensor  # (B, L_img, 4C) packed latents
+    txt: Tensor  # (B, L_txt, D_t5)
+    y: Tensor  # (B, D_clip)
+    height: int  # latent height and width
+    width: int
+
+
+def sample_generator(
+    seed: int, rank: int, step: int, sample: int, device: torch.device | str
 ) -> torch.Generator:
-    """The random stream of one micro-batch of one rank: stateless, so resumption is exact."""
-    return torch.Generator(device=device).manual_seed(
-        ((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_000_003 + micro
-    )
+    """The random stream of one sample of one step on one rank. Stateless, so a resumed run
+    draws exactly what the unbroken run would have; per sample (its index among the rank's
+    samples of the step), so gradient accumulation draws what one large batch would."""
+    key = ((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_000_003 + sample
+    return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+
+
+@dataclass
+class Streams:
+    """One CPU stream (caption dropout, timestep) and one device stream (noise) per sample."""
+
+    cpu: list[torch.Generator]
+    device: list[torch.Generator]
+
+    @classmethod
+    def of(
+        cls, seed: int, rank: int, step: int, first: int, count: int, device: torch.device
+    ) -> Streams:
+        ids = range(first, first + count)
+        return cls(
+            [sample_generator(seed, rank, step, i, "cpu") for i in ids],
+            [sample_generator(seed, rank, step, i, device) for i in ids],
+        )
+
+    def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """(B, *shape) standard normal, row i from sample i's device stream."""
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in self.device])
 
 
 class FluxPreprocessor:
@@ -76,41 +112,53 @@ class FluxPreprocessor:
         self.guidance = training.guidance
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """captions -> T5 (B, L_txt, D_t5) and CLIP pooled (B, D_clip), in fp32."""
-        return self.t5(captions).float(), self.clip(captions).float()
-
-    @torch.no_grad()
-    def __call__(
+    def encode(
         self,
         batch: dict[str, Any],
-        cpu_gen: torch.Generator,
-        device_gen: torch.Generator,
-        timesteps: Tensor | None = None,
-    ) -> FlowBatch:
+        dropout_prob: float,
+        streams: Streams,
+    ) -> Encoded:
+        """Captions (after caption dropout) -> T5 and CLIP; images -> sampled, packed latents."""
         images = batch["images"].to(self.device, self.dtype)
-        t5_captions, clip_captions = drop_captions(batch["captions"], self.dropout_prob, cpu_gen)
-        txt = self.t5(t5_captions).float()
-        y = self.clip(clip_captions).float()
-        latents = self.autoencoder.encode(images, sample=True, generator=device_gen).float()
-        x0 = pack_latents(latents)
-        b, _, h, w = latents.shape
-        if timesteps is None:
-            timesteps = sample_timesteps(self.timestep_sampling, b, x0.shape[1], cpu_gen)
-        t = timesteps.to(self.device)
-        noise = torch.randn(x0.shape, generator=device_gen, device=self.device)
+        t5_captions, clip_captions = drop_captions(batch["captions"], dropout_prob, streams.cpu)
+        moments = self.autoencoder.encoder(images)
+        c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
+        noise = streams.randn((c, h, w), self.device)
+        latents = self.autoencoder.scale_latents(moments, noise=noise).float()
+        return Encoded(
+            pack_latents(latents),
+            self.t5(t5_captions).float(),
+            self.clip(clip_captions).float(),
+            h,
+            w,
+        )
+
+    def flow(self, encoded: Encoded, t: Tensor, noise: Tensor) -> FlowBatch:
+        """The model's inputs at timesteps t (B,) and the velocity target."""
+        x0 = encoded.x0
+        b = x0.shape[0]
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
         inputs = {
             "img": x_t,
-            "img_ids": image_ids(b, h, w, self.device),
-            "txt": txt,
-            "txt_ids": text_ids(b, txt.shape[1], self.device),
+            "img_ids": image_ids(b, encoded.height, encoded.width, self.device),
+            "txt": encoded.txt,
+            "txt_ids": text_ids(b, encoded.txt.shape[1], self.device),
             "timesteps": t,
-            "y": y,
+            "y": encoded.y,
         }
         if self.guidance_embed:
             inputs["guidance"] = torch.full((b,), self.guidance, device=self.device)
         return FlowBatch(inputs, noise - x0)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any], streams: Streams) -> FlowBatch:
+        """A training micro-batch: caption dropout, latents, t from the configured sampling."""
+        encoded = self.encode(batch, self.dropout_prob, streams)
+        x0 = encoded.x0
+        kind, tokens = self.timestep_sampling, x0.shape[1]
+        t = torch.cat([sample_timesteps(kind, 1, tokens, g) for g in streams.cpu])
+        noise = streams.randn(tuple(x0.shape[1:]), self.device)
+        return self.flow(encoded, t.to(self.device), noise)
 
 
 def flow_matching_loss(model: torch.nn.Module, batch: FlowBatch) -> Tensor:
@@ -128,6 +176,11 @@ class FluxTrainer(Trainer):
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.images_since_log = 0
+        self.flux_validator: FluxValidator | None = None
+        if job_config.validation.enable:
+            assert isinstance(self.validator, FluxValidator)
+            self.flux_validator = self.validator
+            self.flux_validator.attach(self.preprocess, self.device)
 
     def batch_generator(self, data_iterable: Iterable[Any]) -> Iterator[dict[str, Any]]:
         """Batches of {"images", "captions", "keys"}; counts tokens and loading time."""
@@ -146,14 +199,30 @@ class FluxTrainer(Trainer):
             yield batch
 
     def flow_batch(self, batch: dict[str, Any], micro: int) -> FlowBatch:
-        seed = self.job_config.training.seed_data
-        cpu_gen = step_generator(seed, self.dp_rank, self.step, micro, "cpu")
-        device_gen = step_generator(seed, self.dp_rank, self.step, micro, self.device)
-        return self.preprocess(batch, cpu_gen, device_gen)
+        size = len(batch["captions"])
+        streams = Streams.of(
+            self.job_config.training.seed_data,
+            self.dp_rank,
+            self.step,
+            micro * size,
+            size,
+            self.device,
+        )
+        return self.preprocess(batch, streams)
 
     def train_step(self, data_iterator: Iterator[dict[str, Any]]) -> None:  # type: ignore[override]
-        self.optimizers.zero_grad()
+        """One optimizer step over gradient_accumulation_steps micro-batches, its metrics, and
+        validation when due: inside the step, so the step's checkpoint comes after it."""
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        loss, grad_norm = self.optimize(data_iterator)
+        if self.metrics_processor.should_log(self.step):
+            self.log_step(loss, grad_norm, lr)
+        if self.flux_validator is not None and self.flux_validator.is_due(self.step):
+            self.flux_validator.validate(self.model_parts, self.step)
+            self.images_since_log = 0  # the metrics' clock restarts after validation
+
+    def optimize(self, data_iterator: Iterator[dict[str, Any]]) -> tuple[Tensor, Tensor]:
+        self.optimizers.zero_grad()
         model = self.model_parts[0]
         accumulation = self.gradient_accumulation_steps
         losses = []
@@ -172,10 +241,9 @@ class FluxTrainer(Trainer):
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
+        return torch.stack(losses).sum(), grad_norm
 
-        if not self.metrics_processor.should_log(self.step):
-            return
-        loss = torch.stack(losses).sum()
+    def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float) -> None:
         if self.parallel_dims.dp_enabled:
             mesh = self.parallel_dims.get_mesh("batch")
             avg_loss = dist_utils.dist_mean(loss, mesh)
@@ -195,32 +263,17 @@ class FluxTrainer(Trainer):
         logger.info(f"step {self.step}: {images_per_s:.1f} images/s on this rank, lr {lr:.2e}")
 
 
-def configure(job_config: JobConfig) -> None:
-    """Values derived from the config, set once before the trainer is built."""
-    patch = 16  # 8× autoencoder downsampling, then 2×2 patches
-    if job_config.training.img_size % patch:
-        raise ValueError(
-            f"training.img_size {job_config.training.img_size} must be a multiple of 16"
-        )
-    if job_config.validation.enable:
-        raise ValueError(
-            "validation.enable: flux's validation (loss at fixed timesteps, sampled images) is "
-            "not implemented yet; set it to false"
-        )
-    img_tokens = (job_config.training.img_size // patch) ** 2
-    job_config.training.seq_len = img_tokens + job_config.encoder.max_t5_encoding_len
-
-
 def main(argv: list[str] | None = None) -> None:
-    from torchtitan.config import ConfigManager
     from torchtitan.tools.logging import init_logger
 
     init_logger()
     args = sys.argv[1:] if argv is None else argv
-    if not any(a.startswith("--job.custom_config_module") for a in args):
-        args = [*args, "--job.custom_config_module", "flux.job_config"]
-    config = ConfigManager().parse_args(args)
-    configure(config)
+    try:
+        config = parse_config(args)
+        check_config(config)
+    except ConfigError as e:
+        print(f"flux: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     os.environ.setdefault("LOCAL_RANK", "0")
     use_cpu_if_no_accelerator()
     trainer = None

@@ -13,12 +13,18 @@ def caption_generator(seed: int, rank: int) -> torch.Generator:
 
 
 def drop_captions(
-    captions: list[str], prob: float, generator: torch.Generator
+    captions: list[str], prob: float, generator: torch.Generator | list[torch.Generator]
 ) -> tuple[list[str], list[str]]:
-    """(T5 captions, CLIP captions): each one emptied with probability prob, independently."""
+    """(T5 captions, CLIP captions): each one emptied with probability prob, independently.
+
+    generator: one for the batch, or one per caption (the trainer's per-sample streams)."""
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"classifier_free_guidance_prob {prob} must be in [0, 1]")
-    drop = torch.rand(2, len(captions), generator=generator) < prob
+    if isinstance(generator, list):
+        uniforms = torch.stack([torch.rand(2, generator=g) for g in generator], dim=1)
+    else:
+        uniforms = torch.rand(2, len(captions), generator=generator)
+    drop = uniforms < prob
     t5 = ["" if d else c for c, d in zip(captions, drop[0].tolist())]
     clip = ["" if d else c for c, d in zip(captions, drop[1].tolist())]
     return t5, clip

@@ -187,16 +187,23 @@ class AutoEncoder(nn.Module):
         return self.scale_latents(self.encoder(x), sample=sample, generator=generator)
 
     def scale_latents(
-        self, moments: Tensor, sample: bool = True, generator: torch.Generator | None = None
+        self,
+        moments: Tensor,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """Gaussian moments (B, 2C, h, w) -> scaled, shifted latents (B, C, h, w)."""
+        """Gaussian moments (B, 2C, h, w) -> scaled, shifted latents (B, C, h, w).
+
+        Sampling uses noise if given (standard normal, (B, C, h, w)), else draws it."""
         mean, logvar = moments.chunk(2, dim=1)
         z = mean
         if sample:
-            noise = torch.randn(
-                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-            )
-            z = mean + torch.exp(0.5 * logvar) * noise
+            if noise is None:
+                noise = torch.randn(
+                    mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+                )
+            z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
         return self.scale_factor * (z - self.shift_factor)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -1,11 +1,14 @@
-"""Make the tiny T5 and CLIP encoders and tokenizers the debug flavor uses offline.
+"""Make the tiny encoders, tokenizers and autoencoder the debug flavor uses offline.
 
-    python -m flux.scripts.make_debug_assets [--out flux/assets]
+    python -m flux.scripts.make_debug_assets [--out flux/assets] [--only t5 clip autoencoder]
 
 Writes flux/assets/t5-debug/ and flux/assets/clip-debug/: configs, tokenizers trained on
 the shapes captions plus a little general text, and seeded random weights, each folder
-loadable with `from_pretrained(folder)` exactly as the real encoders are. The output is
-committed; run this only to change it.
+loadable with `from_pretrained(folder)` exactly as the real encoders are. Writes
+flux/assets/autoencoder-debug/ae.safetensors: the debug autoencoder trained on 64px shapes
+(about 15 minutes on 2 CPU cores), so that debug runs decode to recognisable images. It
+prints the latent statistics flux-debug's scale_factor/shift_factor are set from. The output
+is committed; run this only to change it.
 """
 
 from __future__ import annotations
@@ -119,16 +122,79 @@ def make_clip(out: Path, hidden: int) -> None:
     CLIPTextModel(config).save_pretrained(out)
 
 
+def shapes_pool(count: int, img_size: int) -> torch.Tensor:
+    from flux.data.shapes import shapes_sample
+    from flux.data.transforms import image_to_tensor
+
+    return torch.stack(
+        [image_to_tensor(shapes_sample(1, i, img_size)[0], img_size) for i in range(count)]
+    )
+
+
+def make_autoencoder(out: Path, steps: int, img_size: int = 64) -> None:
+    """Train the debug autoencoder on shapes: MSE + L1 reconstruction and a small KL term."""
+    from safetensors.torch import save_file
+
+    from flux.model.args import flux_configs
+    from flux.model.autoencoder import AutoEncoder
+
+    torch.manual_seed(0)
+    params = flux_configs["flux-debug"].autoencoder_params
+    ae = AutoEncoder(params)
+    pool = shapes_pool(4096, img_size)
+    opt = torch.optim.AdamW(ae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    for step in range(steps):
+        x = pool[torch.randint(len(pool), (8,))]
+        mean, logvar = ae.encoder(x).chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        recon = ae.decoder(z)
+        rec = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = rec + 1e-5 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"autoencoder step {step}: reconstruction {rec.item():.4f} kl {kl.item():.2f}")
+    ae.eval()
+    with torch.no_grad():
+        mean = torch.cat([ae.encoder(pool[i : i + 256]).chunk(2, dim=1)[0] for i in (0, 256)])
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in ae.state_dict().items()}
+    save_file(state, str(out / "ae.safetensors"))
+    print(
+        f"latent mean {mean.mean().item():.4f} std {mean.std().item():.4f}: set flux-debug's "
+        f"shift_factor to the mean and scale_factor to 1/std"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from flux.model.args import flux_configs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parents[1] / "assets")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["t5", "clip", "autoencoder"],
+        default=None,
+        help="make only these assets (default: all)",
+    )
+    parser.add_argument("--ae_steps", type=int, default=2000)
     args = parser.parse_args(argv)
+    only = set(args.only or ["t5", "clip", "autoencoder"])
     debug = flux_configs["flux-debug"]
-    make_t5(args.out / "t5-debug", debug.context_in_dim)
-    make_clip(args.out / "clip-debug", debug.vec_in_dim)
-    print(f"wrote {args.out / 't5-debug'} and {args.out / 'clip-debug'}")
+    if "t5" in only:
+        make_t5(args.out / "t5-debug", debug.context_in_dim)
+        print(f"wrote {args.out / 't5-debug'}")
+    if "clip" in only:
+        make_clip(args.out / "clip-debug", debug.vec_in_dim)
+        print(f"wrote {args.out / 'clip-debug'}")
+    if "autoencoder" in only:
+        make_autoencoder(args.out / "autoencoder-debug", args.ae_steps)
+        print(f"wrote {args.out / 'autoencoder-debug' / 'ae.safetensors'}")
 
 
 if __name__ == "__main__":

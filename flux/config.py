@@ -1,0 +1,222 @@
+"""Reading and checking a job's configuration before any work is done.
+
+parse_config reads the TOML itself first, so that an unreadable file, a key that does not
+exist or a value of the wrong type is one ConfigError naming the file, section and key,
+instead of a traceback from deep inside torchtitan. check_config then checks what the
+values mean (flavor, dataset, parallel degrees against the world size, files) and sets
+the values derived from them. flux.train's main prints a ConfigError as one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from torchtitan.config import ConfigManager, JobConfig
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where relative asset paths also resolve
+CUSTOM_CONFIG_MODULE = "flux.job_config"
+
+
+class ConfigError(ValueError):
+    """A configuration the user can fix; its message says how, in one line."""
+
+
+def config_file_arg(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if key in ("--job.config_file", "--job.config-file"):
+            return value if value else (args[i + 1] if i + 1 < len(args) else None)
+    return None
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found: give an existing TOML with --job.config_file "
+            "(see flux/train_configs/)"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML ({e}): fix it") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror})") from None
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a TOML value fits a config field's annotation."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return isinstance(value, list) and all(_matches(v, inner) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this check does not know: leave it to the trainer
+
+
+def check_toml(values: dict[str, Any], cls: type, path: str, section: str = "") -> None:
+    """Every key exists in the config class and every value has the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        where = f"{section}.{key}" if section else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            place = f"[{section}]" if section else "the top level"
+            raise ConfigError(
+                f"{path}: unknown key {key!r} in {place}; known keys: {known}"
+                if section
+                else f"{path}: unknown section [{key}]; known sections: {known}"
+            )
+        tp = fields[key].type
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: [{where}] must be a table of keys, not {value!r}")
+            check_toml(value, tp, path, where)  # type: ignore[arg-type]
+        elif not _matches(value, tp):
+            raise ConfigError(
+                f"{path}: {where} = {value!r} is not a valid {_type_name(tp)}: fix the value"
+            )
+
+
+def merged_config_class() -> type:
+    from flux import job_config
+
+    manager = ConfigManager()
+    return ConfigManager._merge_configs(manager.config_cls, job_config.JobConfig)
+
+
+def parse_config(args: list[str]) -> JobConfig:
+    """Command-line arguments (torchtitan's, plus --job.config_file) -> a checked JobConfig."""
+    args = list(args)
+    if not any(a.split("=")[0] in ("--job.custom_config_module",) for a in args):
+        args += ["--job.custom_config_module", CUSTOM_CONFIG_MODULE]
+    path = config_file_arg(args)
+    if path is not None:
+        values = load_toml(path)
+        module = values.get("job", {}).get("custom_config_module", CUSTOM_CONFIG_MODULE)
+        if module != CUSTOM_CONFIG_MODULE:
+            raise ConfigError(
+                f"{path}: job.custom_config_module = {module!r}; flux needs "
+                f"{CUSTOM_CONFIG_MODULE!r} (or leave it out)"
+            )
+        check_toml(values, merged_config_class(), path)
+    return ConfigManager().parse_args(args)
+
+
+def resolve_path(path: str) -> str:
+    """A relative path as given if it exists from here, else relative to the package's
+    checkout (so the default debug assets are found from any working directory)."""
+    if not path or Path(path).is_absolute() or Path(path).exists():
+        return path
+    candidate = PACKAGE_ROOT / path
+    return str(candidate) if candidate.exists() else path
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_parallel_degrees(p: Any, world_size: int) -> None:
+    named = {
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+    }
+    for name, degree in named.items():
+        if degree < 1:
+            raise ConfigError(f"parallelism.{name} = {degree}: degrees are >= 1")
+    product = 1
+    for degree in named.values():
+        product *= degree
+    shard = p.data_parallel_shard_degree
+    described = " × ".join(f"{k.replace('_degree', '')} {v}" for k, v in named.items() if v > 1)
+    if shard == -1:
+        if world_size % product:
+            raise ConfigError(
+                f"parallel degrees ({described or 'all 1'}) do not divide the world size "
+                f"{world_size}: make their product a divisor of the number of processes"
+            )
+        return
+    if shard < 1:
+        raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard}: use -1 or >= 1")
+    if product * shard != world_size:
+        raise ConfigError(
+            f"parallel degrees multiply to {product * shard} (data_parallel_shard {shard}"
+            f"{' × ' + described if described else ''}) but {world_size} process(es) were "
+            "started: make them multiply to the number of processes, or set "
+            "data_parallel_shard_degree = -1 to fill it"
+        )
+
+
+def check_config(job_config: JobConfig, world_size: int | None = None) -> None:
+    """What the values mean; sets derived values (seq_len, resolved paths)."""
+    from flux.data.dataset import SOURCES
+    from flux.model.args import flux_configs
+    from flux.model.autoencoder import DOWNLOAD_HINT
+
+    world_size = _world_size() if world_size is None else world_size
+    if job_config.model.name != "flux":
+        raise ConfigError(f"model.name = {job_config.model.name!r}: this trainer runs 'flux'")
+    flavor = job_config.model.flavor
+    if flavor not in flux_configs:
+        raise ConfigError(
+            f"unknown model.flavor {flavor!r}: choose one of {', '.join(flux_configs)}"
+        )
+    training, validation, encoder = job_config.training, job_config.validation, job_config.encoder
+    datasets = [("training.dataset", training.dataset)]
+    if validation.enable:
+        datasets.append(("validation.dataset", validation.dataset))
+    for key, name in datasets:
+        if name not in SOURCES:
+            raise ConfigError(f"unknown {key} {name!r}: choose one of {', '.join(SOURCES)}")
+    sizes = [("training.img_size", training.img_size)]
+    if validation.enable:
+        sizes.append(("validation.img_size", validation.img_size))
+    for key, size in sizes:
+        if size < 16 or size % 16:
+            raise ConfigError(f"{key} = {size}: use a positive multiple of 16")
+    check_parallel_degrees(job_config.parallelism, world_size)
+
+    encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
+    if not Path(encoder.autoencoder_path).is_file():
+        raise ConfigError(
+            f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
+        )
+    for key in ("dataset_path",):
+        for section in (training, validation):
+            value = getattr(section, key)
+            if value:
+                setattr(section, key, resolve_path(value))
+
+    patch = 16  # 8× autoencoder downsampling, then 2×2 patches
+    img_tokens = (training.img_size // patch) ** 2
+    training.seq_len = img_tokens + encoder.max_t5_encoding_len

@@ -1,0 +1,174 @@
+"""Validation: a loss runs can be compared on, and images sampled for fixed prompts.
+
+(a) Loss: the first `validation.steps` batches of the held-out set (the same ones every
+time), each at the same `loss_timesteps` stratified timesteps t_k = (k + 1/2)/K with the
+same noise and no caption dropout, so the number moves only when the model does. It is
+logged as validation_metrics/loss, with the loss at each t_k beside it.
+(b) Images: the prompts of `validation.sample_prompts`, Euler steps with classifier-free
+guidance from fixed noise, saved by rank 0 as <dump_folder>/validation/step_<N>.png, one row
+with each prompt under its image.
+
+Both run forward only, inside parallelize.forward_only, so FSDP units are resharded after
+and a checkpoint saved right after validation sees the usual sharded parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.validate import BaseValidator
+from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
+
+from flux.data.dataloader import CaptionedImageLoader
+from flux.generate import SampleSettings, generate, image_grid
+from flux.parallelize import forward_only
+
+if TYPE_CHECKING:
+    from flux.train import FluxPreprocessor
+
+HELD_OUT_SEED = 1_000_003  # the shapes source's validation samples come from their own seed
+
+
+def stratified_timesteps(count: int) -> torch.Tensor:
+    """(count,) midpoints of count equal intervals of (0, 1)."""
+    return (torch.arange(count, dtype=torch.float32) + 0.5) / count
+
+
+class FluxValidator(BaseValidator):
+    def __init__(
+        self,
+        job_config: JobConfig,
+        dp_world_size: int,
+        dp_rank: int,
+        parallel_dims: ParallelDims,
+        metrics_processor: MetricsProcessor,
+        **_: Any,
+    ):
+        super().__init__(job_config)
+        validation = job_config.validation
+        if validation.steps < 1:
+            raise ValueError(
+                f"validation.steps {validation.steps}: give the number of held-out batches "
+                "(>= 1); the shapes source never runs out, so -1 cannot mean 'all'"
+            )
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.parallel_dims = parallel_dims
+        self.metrics_processor = metrics_processor
+        self.dump_folder = Path(job_config.job.dump_folder) / "validation"
+        self.preprocess: FluxPreprocessor | None = None  # attached by FluxTrainer
+        self.device = torch.device("cpu")
+
+    def attach(self, preprocess: FluxPreprocessor, device: torch.device) -> None:
+        """The trainer's frozen encoders (built once, shared with training)."""
+        self.preprocess, self.device = preprocess, device
+
+    def should_validate(self, step: int) -> bool:
+        # torchtitan's loop validates after it saves the step's checkpoint; FluxTrainer runs
+        # validation inside the step instead (see is_due), so the loop is told no.
+        return False
+
+    def is_due(self, step: int) -> bool:
+        return step % self.job_config.validation.freq == 0
+
+    def loader(self) -> CaptionedImageLoader:
+        validation = self.job_config.validation
+        seed = self.job_config.training.seed_data
+        if validation.dataset == "shapes":
+            seed += HELD_OUT_SEED
+        return CaptionedImageLoader(
+            validation.dataset,
+            validation.img_size,
+            validation.local_batch_size,
+            dp_rank=self.dp_rank,
+            dp_world_size=self.dp_world_size,
+            seed=seed,
+            path=validation.dataset_path,
+        )
+
+    @torch.no_grad()
+    def validate(self, model_parts: list[nn.Module], step: int) -> None:
+        model = model_parts[0]
+        model.eval()
+        with forward_only(model):
+            losses = self.loss(model)
+            images = self.sample(model)
+        model.train()
+        mean = losses.mean()
+        if self.parallel_dims.dp_enabled:
+            batch_mesh = self.parallel_dims.get_mesh("batch")
+            per_t = [dist_utils.dist_mean(v, batch_mesh) for v in losses]
+            loss = dist_utils.dist_mean(mean, batch_mesh)
+        else:
+            per_t, loss = losses.tolist(), mean.item()
+        times = stratified_timesteps(len(per_t)).tolist()
+        extra = {f"validation_metrics/loss_t{t:.2f}": v for t, v in zip(times, per_t)}
+        self.metrics_processor.log_validation(loss, step, extra_metrics=extra)
+        if torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True:
+            self.save_grid(images, step)
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        """(K,) mean loss over the held-out batches at each stratified timestep."""
+        from flux.train import Streams, flow_matching_loss
+
+        assert self.preprocess is not None, "FluxTrainer attaches the encoders"
+        validation = self.job_config.validation
+        times = stratified_timesteps(validation.loss_timesteps).to(self.device)
+        totals = torch.zeros(len(times), device=self.device)
+        iterator = iter(self.loader())
+        for index in range(validation.steps):
+            batch = next(iterator)
+            seed = HELD_OUT_SEED + self.job_config.training.seed_data
+            size = len(batch["captions"])
+            streams = Streams.of(seed, self.dp_rank, index, 0, size, self.device)
+            encoded = self.preprocess.encode(batch, 0.0, streams)
+            noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
+            for k, t in enumerate(times):
+                t_batch = t.expand(encoded.x0.shape[0])
+                flow = self.preprocess.flow(encoded, t_batch, noise)
+                totals[k] += flow_matching_loss(model, flow).detach()
+        return totals / validation.steps
+
+    def sample(self, model: nn.Module) -> torch.Tensor:
+        """Every rank samples the same prompts (FSDP needs every rank in each forward)."""
+        assert self.preprocess is not None, "FluxTrainer attaches the encoders"
+        validation = self.job_config.validation
+        pre = self.preprocess
+        settings = SampleSettings(
+            img_size=validation.img_size,
+            steps=validation.sampling_steps,
+            cfg_scale=validation.cfg_scale,
+            guidance=self.job_config.training.guidance,
+            # the schedule matches training: shifted if training timesteps were
+            shift=self.job_config.training.timestep_sampling == "flux_shift",
+            seed=self.job_config.training.seed_data,
+        )
+        return generate(
+            model,
+            pre.t5,
+            pre.clip,
+            pre.autoencoder,
+            list(validation.sample_prompts),
+            settings,
+            self.device,
+            pre.guidance_embed,
+        )
+
+    def save_grid(self, images: torch.Tensor, step: int) -> Path:
+        grid, info = image_grid(images, list(self.job_config.validation.sample_prompts))
+        self.dump_folder.mkdir(parents=True, exist_ok=True)
+        path = self.dump_folder / f"step_{step:06d}.png"
+        grid.save(path, pnginfo=info)
+        logger.info(f"validation images of step {step}: {path}")
+        return path
+
+
+def build_flux_validator(**kwargs: Any) -> FluxValidator:
+    """The TrainSpec's build_validator_fn."""
+    return FluxValidator(**kwargs)
