@@ -5,13 +5,15 @@
 Per micro-batch: captions -> (caption dropout) -> T5 token embeddings and CLIP pooled
 vector; images -> autoencoder latents (sampled from the posterior) -> packed 2×2 patches x0;
 t from the configured sampling; x_t = (1 - t)·x0 + t·noise; the model predicts noise - x0
-and the loss is the mean squared error. Randomness (dropout, t, noise) comes from
-generators seeded by (seed, data-parallel rank, step, micro-batch), so ranks differ and a
-resumed run draws exactly what the unbroken run would have.
+and the loss is the mean squared error. Randomness (dropout, t, posterior and flow noise)
+comes from a generator per sample seeded by (seed, step, the sample's data key): ranks
+differ, and a resumed run, with gradient accumulation or on another world size, draws for
+each sample exactly what the unbroken run drew.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -28,6 +30,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from flux.checkpoint import install_load_hooks
 from flux.config import ConfigError, check_config, parse_config
 from flux.data.caption_dropout import drop_captions
 from flux.device import use_cpu_if_no_accelerator
@@ -60,14 +63,15 @@ class Encoded:
     width: int
 
 
-def sample_generator(
-    seed: int, rank: int, step: int, sample: int, device: torch.device | str
-) -> torch.Generator:
-    """The random stream of one sample of one step on one rank. Stateless, so a resumed run
-    draws exactly what the unbroken run would have; per sample (its index among the rank's
-    samples of the step), so gradient accumulation draws what one large batch would."""
-    key = ((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_000_003 + sample
-    return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+def sample_generator(seed: int, step: int, key: str, device: torch.device | str) -> torch.Generator:
+    """The random stream of one sample in one step, named by the sample's data key.
+
+    Stateless, so a resumed run draws exactly what the unbroken run would have; tied to the
+    sample rather than to a rank or a position in a micro-batch, so data-parallel ranks
+    draw differently (their samples differ), and gradient accumulation, or a resume on
+    another world size, draws for each sample what the original layout drew."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest) % (2**63 - 1))
 
 
 @dataclass
@@ -78,13 +82,10 @@ class Streams:
     device: list[torch.Generator]
 
     @classmethod
-    def of(
-        cls, seed: int, rank: int, step: int, first: int, count: int, device: torch.device
-    ) -> Streams:
-        ids = range(first, first + count)
+    def of(cls, seed: int, step: int, keys: list[str], device: torch.device) -> Streams:
         return cls(
-            [sample_generator(seed, rank, step, i, "cpu") for i in ids],
-            [sample_generator(seed, rank, step, i, device) for i in ids],
+            [sample_generator(seed, step, key, "cpu") for key in keys],
+            [sample_generator(seed, step, key, device) for key in keys],
         )
 
     def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
@@ -173,6 +174,7 @@ class FluxTrainer(Trainer):
         if self.device.type == "cpu":
             self.device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
         self.preprocess = FluxPreprocessor(job_config, self.model_args, self.device)
+        install_load_hooks(self.checkpointer, self.dataloader)
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.images_since_log = 0
@@ -198,15 +200,9 @@ class FluxTrainer(Trainer):
             self.metrics_processor.data_loading_times.append(time.perf_counter() - start)
             yield batch
 
-    def flow_batch(self, batch: dict[str, Any], micro: int) -> FlowBatch:
-        size = len(batch["captions"])
+    def flow_batch(self, batch: dict[str, Any]) -> FlowBatch:
         streams = Streams.of(
-            self.job_config.training.seed_data,
-            self.dp_rank,
-            self.step,
-            micro * size,
-            size,
-            self.device,
+            self.job_config.training.seed_data, self.step, batch["keys"], self.device
         )
         return self.preprocess(batch, streams)
 
@@ -226,10 +222,10 @@ class FluxTrainer(Trainer):
         model = self.model_parts[0]
         accumulation = self.gradient_accumulation_steps
         losses = []
-        for micro in range(accumulation):
+        for _ in range(accumulation):
             batch = next(data_iterator)
             self.images_since_log += len(batch["captions"])
-            flow = self.flow_batch(batch, micro)
+            flow = self.flow_batch(batch)
             with self.train_context(), self.maybe_enable_amp:
                 loss = flow_matching_loss(model, flow) / accumulation
             loss.backward()

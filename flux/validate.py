@@ -122,11 +122,10 @@ class FluxValidator(BaseValidator):
         times = stratified_timesteps(validation.loss_timesteps).to(self.device)
         totals = torch.zeros(len(times), device=self.device)
         iterator = iter(self.loader())
-        for index in range(validation.steps):
+        for _ in range(validation.steps):
             batch = next(iterator)
             seed = HELD_OUT_SEED + self.job_config.training.seed_data
-            size = len(batch["captions"])
-            streams = Streams.of(seed, self.dp_rank, index, 0, size, self.device)
+            streams = Streams.of(seed, 0, batch["keys"], self.device)
             encoded = self.preprocess.encode(batch, 0.0, streams)
             noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
             for k, t in enumerate(times):

@@ -11,7 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP_LOSS = re.compile(r"step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
+STEP_LOSS = re.compile(r"(?<!validate )step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
+VALIDATION_LOSS = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
 
 
 @dataclass
@@ -22,6 +23,10 @@ class Run:
     @property
     def losses(self) -> dict[int, float]:
         return {int(s): float(v) for s, v in STEP_LOSS.findall(self.output)}
+
+    @property
+    def validation_losses(self) -> dict[int, float]:
+        return {int(s): float(v) for s, v in VALIDATION_LOSS.findall(self.output)}
 
 
 def run_train(dump_folder: Path, *args: str, nproc: int = 1, timeout: int = 300) -> Run:

@@ -51,11 +51,24 @@ class CaptionedImageLoader(StatefulDataLoader, BaseDataLoader):
             prefetch_factor=4 if num_workers > 0 else None,
         )
 
+    _load_key: str | None = None  # set by expect_saved_ranks before a checkpoint is loaded
+
     def state_dict(self) -> dict[str, Any]:
         # Keyed by rank: DCP stores one entry per data-parallel rank.
+        if self._load_key is not None:  # the request of a load: the entry this rank reads
+            return {self._load_key: b""}
         return {f"dp_rank_{self.dp_rank}": pickle.dumps(super().state_dict())}
 
+    def expect_saved_ranks(self, saved_keys: list[str]) -> None:
+        """The checkpoint about to be loaded holds these entries (dp_rank_N). A rank reads
+        its own; on a resume with more data-parallel ranks than saved, a new rank reads
+        rank 0's, and the dataset continues from the same global position."""
+        own = f"dp_rank_{self.dp_rank}"
+        self._load_key = own if own in saved_keys or not saved_keys else "dp_rank_0"
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        key = f"dp_rank_{self.dp_rank}"
-        if key in state_dict:
+        self._load_key = None
+        own = f"dp_rank_{self.dp_rank}"
+        key = own if own in state_dict else "dp_rank_0"
+        if state_dict.get(key):
             super().load_state_dict(pickle.loads(state_dict[key]))
