@@ -15,6 +15,13 @@ fi
 CONFIG_FILE=${CONFIG_FILE:-"flux/train_configs/debug_model.toml"}
 LOG_RANK=${LOG_RANK:-0}
 
+# Refuse a bad configuration in one line before torchrun starts (it would add its own
+# traceback to the trainer's one-line error).
+case " $* " in
+    *" --help "* | *" -h "*) ;;
+    *) WORLD_SIZE="${NGPU}" python -m flux.config --job.config_file "${CONFIG_FILE}" "$@" ;;
+esac
+
 exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
     --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 \
     -m flux.train --job.config_file "${CONFIG_FILE}" "$@"

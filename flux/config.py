@@ -220,3 +220,20 @@ def check_config(job_config: JobConfig, world_size: int | None = None) -> None:
     patch = 16  # 8× autoencoder downsampling, then 2×2 patches
     img_tokens = (training.img_size // patch) ** 2
     training.seq_len = img_tokens + encoder.max_t5_encoding_len
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flux.config ARGS`: check a job's configuration as the trainer would (the
+    world size from WORLD_SIZE), print one line and exit 2 if it is refused. run_train.sh
+    runs it before torchrun, so a refused config is one line, not a launcher traceback."""
+    import sys
+
+    try:
+        check_config(parse_config(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        print(f"flux: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
