@@ -1,0 +1,62 @@
+"""flux/scripts/slurm_train.sh under stand-ins for srun and scontrol: one node, 2 CPU ranks."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.launch import ANSI, ROOT, Run
+
+SRUN = """#!/usr/bin/env bash
+# srun stand-in: drop srun's own options, run the command once (one node)
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+"""
+SCONTROL = """#!/usr/bin/env bash
+echo localhost
+"""
+
+
+def fake_slurm(bin_dir: Path) -> None:
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+def slurm_train(tmp_path: Path, *args: str) -> Run:
+    fake_slurm(tmp_path / "bin")
+    env = dict(
+        os.environ,
+        PATH=f"{tmp_path / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
+        f"{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_ID="4242",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        GPUS_PER_NODE="2",
+        PORT="0",
+        CONFIG_FILE="flux/train_configs/debug_model.toml",
+        PYTHONUNBUFFERED="1",
+    )
+    cmd = [str(ROOT / "flux/scripts/slurm_train.sh"), "--job.dump_folder", str(tmp_path), *args]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
+
+
+def test_slurm_script_trains_with_fsdp_over_the_node(tmp_path) -> None:
+    run = slurm_train(tmp_path, "--training.steps", "2", "--metrics.log_freq", "1")
+    assert run.returncode == 0, run.output[-3000:]
+    assert "dp_shard=2" in run.output
+    assert sorted(run.losses) == [1, 2]
+
+
+def test_slurm_script_refuses_a_bad_config_before_launching(tmp_path) -> None:
+    run = slurm_train(tmp_path, "--parallelism.data_parallel_shard_degree", "3")
+    assert run.returncode == 2
+    assert "flux: error: parallel degrees multiply to 3" in run.output
+    assert "ChildFailedError" not in run.output  # refused before torchrun started
