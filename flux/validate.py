@@ -75,7 +75,8 @@ class FluxValidator(BaseValidator):
         return False
 
     def is_due(self, step: int) -> bool:
-        return step % self.job_config.validation.freq == 0
+        """After the first step (a baseline to compare with) and every `freq` steps."""
+        return step == 1 or step % self.job_config.validation.freq == 0
 
     def loader(self) -> CaptionedImageLoader:
         validation = self.job_config.validation

@@ -47,7 +47,8 @@ def checkpoint_at(reference: Path, step: int, dump: Path) -> None:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> tuple[Run, Path]:
     dump = tmp_path_factory.mktemp("single")
-    return run_train(dump, *COMMON, "4", *VALIDATE, *CHECKPOINT), dump
+    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, "--metrics.enable_tensorboard")
+    return run_train(dump, *args), dump
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +64,38 @@ def test_debug_training_runs_through_run_train_sh(single) -> None:
     assert "Training completed" in run.output
     assert sorted(run.losses) == [1, 2, 3, 4]
     assert all(math.isfinite(v) and v > 0 for v in run.losses.values())
-    assert sorted(run.validation_losses) == [2, 4]
+    assert sorted(run.validation_losses) == [1, 2, 4]
     assert (dump / "checkpoint" / "step-2").is_dir()
 
 
 def test_validation_saves_one_grid_per_step_with_its_prompts(single) -> None:
     _, dump = single
     grids = sorted(p.name for p in (dump / "validation").glob("*.png"))
-    assert grids == ["step_000002.png", "step_000004.png"]
+    assert grids == ["step_000001.png", "step_000002.png", "step_000004.png"]
     tiles = grid_tiles(str(dump / "validation" / "step_000004.png"))
     assert [prompt for prompt, _ in tiles][0] == (
         "a large red circle at the center on a white background"
     )
     assert all(image.size == (64, 64) for _, image in tiles)
+
+
+def test_metrics_reach_tensorboard(single) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, dump = single
+    (events,) = {p.parent for p in (dump / "tb").rglob("events.out.tfevents.*")}
+    tags = set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    for tag in (
+        "loss_metrics/global_avg_loss",
+        "grad_norm",
+        "lr",
+        "images_per_s_per_rank",
+        "throughput(tps)",
+        "mfu(%)",
+        "validation_metrics/loss",
+        "validation_metrics/loss_t0.06",
+    ):
+        assert tag in tags, sorted(tags)
 
 
 def test_resumed_run_ends_with_the_same_losses(single, tmp_path) -> None:
@@ -105,7 +125,7 @@ def test_fsdp_over_two_processes_trains_validates_and_checkpoints(fsdp) -> None:
     assert run.returncode == 0, run.output[-3000:]
     assert "dp_shard=2" in run.output
     assert sorted(run.losses) == [1, 2, 3, 4]
-    assert sorted(run.validation_losses) == [2, 4]
+    assert sorted(run.validation_losses) == [1, 2, 4]
     # step 2 was saved right after validation (FSDP units resharded by forward_only)
     assert (dump / "checkpoint" / "step-2").is_dir()
 
