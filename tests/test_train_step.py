@@ -9,7 +9,7 @@ import torch
 from flux.data.dataloader import CaptionedImageLoader
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallelize import apply_activation_checkpointing
+from flux.parallelize import apply_activation_checkpointing, apply_compile
 from flux.train import Streams
 from tests.model.helpers import model_inputs
 
@@ -68,3 +68,19 @@ def test_activation_checkpointing_full_and_selective_keep_loss_and_gradients() -
         assert loss == reference[0]
         for a, b in zip(grads, reference[1]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_every_block_compiles_without_graph_breaks_and_keeps_its_output() -> None:
+    args = flux_configs["flux-debug"]
+    torch.manual_seed(0)
+    model = FluxModel(args)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    inputs = model_inputs(args)
+    with torch.no_grad():
+        reference = model(**inputs)
+        apply_activation_checkpointing(model, "full", "")
+        apply_compile(model, backend="eager")  # dynamo's full-graph capture, no codegen
+        torch.testing.assert_close(model(**inputs), reference)
+    compiled = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
+    assert len(compiled) == args.depth + args.depth_single_blocks
