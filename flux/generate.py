@@ -2,8 +2,8 @@
 
     images = generate(model, t5, clip, autoencoder, prompts, settings)
 
-Noise comes from a CPU generator seeded per call, so the same seed gives the same starting
-noise on any device and world size. Images are (B, 3, H, W) in [-1, 1].
+Image i starts from noise drawn on the CPU with seed settings.seed + i, so a seed gives the
+same image on any device, world size and batch size. Images are (B, 3, H, W) in [-1, 1].
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def generate(
     b = len(prompts)
     side = settings.img_size // 8
     channels = autoencoder.params.z_channels
-    generator = torch.Generator().manual_seed(settings.seed)
-    noise = torch.randn(b, channels, side, side, generator=generator)
+    noise = torch.stack(
+        [
+            torch.randn(channels, side, side, generator=torch.Generator().manual_seed(seed))
+            for seed in range(settings.seed, settings.seed + b)
+        ]
+    )
     img = pack_latents(noise).to(device)
     img_pos = image_ids(b, side, side, device)
 

@@ -1,0 +1,61 @@
+"""Convert transformer weights between the trainer and the FLUX.1 format, both ways.
+
+    python -m flux.scripts.convert to-flux outputs/checkpoint/step-1000 model.safetensors \
+        --flavor flux-schnell --dtype bfloat16
+    python -m flux.scripts.convert from-flux flux1-schnell.safetensors checkpoints/schnell-init \
+        --flavor flux-schnell
+
+to-flux writes one .safetensors with the published FLUX.1 names and layout (what the
+reference code and diffusers' FluxTransformer2DModel.from_single_file read), from a
+trainer checkpoint folder saved on any number of processes. from-flux writes a model-only
+DCP checkpoint folder; start training from it with
+`--checkpoint.enable --checkpoint.initial_load_path checkpoints/schnell-init`
+(to continue training FLUX.1-schnell, say).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from flux.model.args import flux_configs
+from flux.model.model import FluxModel
+from flux.weights import SAVE_DTYPES, WeightsError, read_weights, save_dcp, save_safetensors
+
+
+def meta_model(flavor: str) -> FluxModel:
+    with torch.device("meta"):
+        return FluxModel(flux_configs[flavor])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="direction", required=True)
+    to_flux = sub.add_parser("to-flux", help="trainer checkpoint -> FLUX.1 .safetensors")
+    to_flux.add_argument("checkpoint", help="a checkpoint/step-N folder")
+    to_flux.add_argument("out", help="the .safetensors file to write")
+    to_flux.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default="bfloat16")
+    from_flux = sub.add_parser("from-flux", help="FLUX.1 .safetensors -> trainer checkpoint")
+    from_flux.add_argument("weights", help="a FLUX.1-format .safetensors file")
+    from_flux.add_argument("out", help="a new folder for the DCP checkpoint")
+    for sp in (to_flux, from_flux):
+        sp.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+    args = p.parse_args(argv)
+    try:
+        model = meta_model(args.flavor)
+        if args.direction == "to-flux":
+            state = read_weights(args.checkpoint, model)
+            save_safetensors(state, args.out, args.dtype)
+        else:
+            state = read_weights(args.weights, model)
+            save_dcp(state, args.out)
+    except WeightsError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.out} ({len(state)} tensors)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Text to image from a trained model: PNGs with the prompt, seed and settings in them.
+
+    python -m flux.scripts.infer --checkpoint outputs/checkpoint/step-30 \
+        --prompts "a large red circle at the center on a white background"
+    python -m flux.scripts.infer --flavor flux-schnell --checkpoint flux1-schnell.safetensors \
+        --t5 google/t5-v1_1-xxl --clip openai/clip-vit-large-patch14 \
+        --autoencoder flux/assets/autoencoder/ae.safetensors --size 1024 --steps 4 \
+        --schedule schnell --cfg_scale 1 --prompts_file prompts.txt
+
+--checkpoint is a trainer checkpoint folder (checkpoint/step-N, saved on any number of
+processes) or a FLUX.1-format .safetensors file. Image i of a run uses seed --seed + i, so
+a prompt's image does not depend on the batch size. Files: <out>/<index>_<seed>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from flux.config import resolve_path
+from flux.generate import SampleSettings, generate, to_pil
+from flux.model.args import flux_configs
+from flux.model.autoencoder import load_ae
+from flux.model.model import FluxModel
+from flux.model.text_encoders import TextEncoder
+from flux.weights import WeightsError, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint/step-N folder or .safetensors")
+    p.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+    p.add_argument("--prompts", nargs="*", default=[], help="prompts (or --prompts_file)")
+    p.add_argument("--prompts_file", help="a text file with one prompt per line")
+    p.add_argument("--out", default="outputs/images", help="folder the PNGs are written to")
+    p.add_argument("--size", type=int, default=64, help="height and width, a multiple of 16")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--cfg_scale", type=float, default=4.0, help="1 disables CFG")
+    p.add_argument(
+        "--schedule",
+        choices=["dev", "schnell"],
+        default="dev",
+        help="dev: timesteps shifted by resolution; schnell: evenly spaced",
+    )
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance-embedding input")
+    p.add_argument("--t5", default="t5-debug", help="T5 hub id, local folder or t5-debug")
+    p.add_argument("--clip", default="clip-debug", help="CLIP hub id, local folder or clip-debug")
+    p.add_argument("--max_t5_len", type=int, default=None, help="default: the flavor's")
+    p.add_argument("--autoencoder", default="flux/assets/autoencoder-debug/ae.safetensors")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise WeightsError(f"prompts file {path} not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise WeightsError("no prompts: give --prompts TEXT ... or --prompts_file FILE")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    prompts = read_prompts(args)
+    if args.size % 16 or args.size < 16:
+        raise WeightsError(f"--size {args.size}: use a positive multiple of 16")
+    model_args = flux_configs[args.flavor]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = FluxModel(model_args)
+    load_weights(args.checkpoint, model)
+    model = model.to(device, dtype).eval()
+    max_len = args.max_t5_len or model_args.txt_seq_len
+    t5 = TextEncoder("t5", args.t5, max_len, dtype).to(device)
+    clip = TextEncoder("clip", args.clip, 77, dtype).to(device)
+    ae_path = resolve_path(args.autoencoder)
+    ae = load_ae(ae_path, model_args.autoencoder_params, device).to(dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        settings = SampleSettings(
+            img_size=args.size,
+            steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            guidance=args.guidance,
+            shift=args.schedule == "dev",
+            seed=args.seed + start,
+        )
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            images = generate(
+                model, t5, clip, ae, batch, settings, device, model_args.guidance_embed
+            )
+        for i, (prompt, image) in enumerate(zip(batch, images)):
+            index, seed = start + i, settings.seed + i
+            path = out / f"{index:05d}_{seed}.png"
+            to_pil(image).save(path, pnginfo=png_info(prompt, seed, args))
+            written.append(path)
+            print(f"wrote {path}: {prompt}")
+    return written
+
+
+def png_info(prompt: str, seed: int, args: argparse.Namespace):
+    from PIL.PngImagePlugin import PngInfo
+
+    settings = {
+        "flavor": args.flavor,
+        "checkpoint": str(args.checkpoint),
+        "size": args.size,
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "schedule": args.schedule,
+        "guidance": args.guidance if flux_configs[args.flavor].guidance_embed else None,
+        "dtype": args.dtype,
+    }
+    info = PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("seed", str(seed))
+    info.add_text("settings", json.dumps(settings))
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (WeightsError, FileNotFoundError, ValueError) as e:
+        print(f"infer: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

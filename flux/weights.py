@@ -1,0 +1,85 @@
+"""Transformer weights in and out of the trainer: DCP checkpoint folders and FLUX.1-format
+safetensors files.
+
+FluxModel's state dict already uses the published FLUX.1 tensor names, and torchtitan's
+checkpoints store the model under those same names (wrappers stripped), so conversion is a
+matter of reading one format and writing the other; no renaming is involved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader
+
+SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be used as asked; the message says what to do, in one line."""
+
+
+def _check_keys(path: Path, have: set[str], want: dict[str, Tensor], shapes: dict) -> None:
+    missing = sorted(set(want) - have)
+    unexpected = sorted(have - set(want))
+    wrong = sorted(k for k in set(want) & have if tuple(shapes[k]) != tuple(want[k].shape))
+    if missing or wrong:
+        raise WeightsError(
+            f"{path} does not fit this flavor (missing {len(missing)} tensors, e.g. "
+            f"{missing[:2]}; {len(wrong)} of another shape, e.g. {wrong[:2]}; "
+            f"{len(unexpected)} unknown): give the --flavor the weights were trained as"
+        )
+
+
+def read_weights(path: str | Path, model: nn.Module) -> dict[str, Tensor]:
+    """The transformer's tensors from a DCP checkpoint folder (any world size it was saved
+    with) or a FLUX.1-format .safetensors file, checked against the model's names/shapes."""
+    path = Path(path)
+    want = model.state_dict()
+    if path.is_dir():
+        try:
+            metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except (FileNotFoundError, OSError):
+            raise WeightsError(
+                f"{path} is not a DCP checkpoint (no .metadata): give a checkpoint/step-N "
+                "folder or a .safetensors file"
+            ) from None
+        shapes = {k: getattr(v, "size", None) for k, v in metadata.items()}
+        _check_keys(path, set(metadata), want, shapes)
+        state = {k: torch.empty_like(v, device="cpu") for k, v in want.items()}
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        return state
+    if not path.is_file():
+        raise WeightsError(f"{path} not found: give a checkpoint/step-N folder or a .safetensors")
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"{path}: expected a .safetensors file or a DCP checkpoint folder")
+    state = load_file(str(path))
+    _check_keys(path, set(state), want, {k: v.shape for k, v in state.items()})
+    return {k: state[k] for k in want}
+
+
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    state = read_weights(path, model)
+    model.load_state_dict(state, strict=True)
+
+
+def save_safetensors(state: dict[str, Tensor], path: str | Path, dtype: str) -> None:
+    """A FLUX.1-format file: the published names, one dtype, contiguous CPU tensors."""
+    if dtype not in SAVE_DTYPES:
+        raise WeightsError(f"dtype {dtype!r}: use {' or '.join(SAVE_DTYPES)}")
+    target = SAVE_DTYPES[dtype]
+    out = {k: v.detach().to("cpu", target).contiguous() for k, v in state.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def save_dcp(state: dict[str, Tensor], folder: str | Path) -> None:
+    """A model-only DCP checkpoint the trainer starts from (checkpoint.initial_load_path)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise WeightsError(f"{folder} exists and is not empty: give a new folder")
+    dcp.save({k: v.contiguous() for k, v in state.items()}, checkpoint_id=str(folder), no_dist=True)

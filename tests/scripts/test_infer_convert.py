@@ -1,0 +1,168 @@
+"""Inference and weight conversion on a checkpoint the trainer wrote with 2 processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from flux.model.args import flux_configs
+from flux.model.model import FluxModel
+from flux.scripts import convert, infer
+from tests.launch import run_train
+from tests.model.helpers import model_inputs, randomize
+from tests.oracle import diffusers_transformer
+
+ARGS = flux_configs["flux-debug"]
+RED = "a large red circle at the center on a white background"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    dump = tmp_path_factory.mktemp("train")
+    run = run_train(
+        dump,
+        "--training.steps",
+        "2",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "1",
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        nproc=2,
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    return dump / "checkpoint" / "step-1"  # a full checkpoint (optimizer and all)
+
+
+def test_export_import_round_trip_is_bit_exact(checkpoint, tmp_path) -> None:
+    first = tmp_path / "model.safetensors"
+    convert.main(["to-flux", str(checkpoint), str(first), "--dtype", "float32"])
+    convert.main(["from-flux", str(first), str(tmp_path / "imported")])
+    second = tmp_path / "again.safetensors"
+    convert.main(["to-flux", str(tmp_path / "imported"), str(second), "--dtype", "float32"])
+    a, b = load_file(str(first)), load_file(str(second))
+    assert list(a) == list(b) and len(a) == len(FluxModel(ARGS).state_dict())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "final" in k)
+
+
+def test_bfloat16_export_keeps_the_published_names(checkpoint, tmp_path) -> None:
+    out = tmp_path / "model.safetensors"
+    convert.main(["to-flux", str(checkpoint), str(out)])
+    state = load_file(str(out))
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    assert "double_blocks.0.img_attn.qkv.weight" in state and "final_layer.linear.weight" in state
+
+
+def test_exported_file_gives_diffusers_the_same_output(checkpoint, tmp_path) -> None:
+    out = tmp_path / "model.safetensors"
+    convert.main(["to-flux", str(checkpoint), str(out), "--dtype", "float32"])
+    state = load_file(str(out))
+    ours = FluxModel(ARGS)
+    ours.load_state_dict(state, strict=True)
+    theirs = diffusers_transformer(state, ARGS)
+    i = model_inputs(ARGS)
+    with torch.no_grad():
+        a = ours(**i)
+        b = theirs(
+            hidden_states=i["img"],
+            encoder_hidden_states=i["txt"],
+            pooled_projections=i["y"],
+            timestep=i["timesteps"],
+            img_ids=i["img_ids"][0],
+            txt_ids=i["txt_ids"][0],
+            guidance=i["guidance"],
+            return_dict=False,
+        )[0]
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_imported_file_starts_a_training_run(tmp_path) -> None:
+    model = FluxModel(ARGS)
+    randomize(model, seed=3)
+    weights = tmp_path / "flux1-debug.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    convert.main(["from-flux", str(weights), str(tmp_path / "init")])
+    dump = tmp_path / "run"
+    run = run_train(
+        dump,
+        "--training.steps",
+        "1",
+        "--checkpoint.enable",
+        "--checkpoint.initial_load_path",
+        str(tmp_path / "init"),
+        "--optimizer.lr",
+        "0",
+        "--optimizer.weight_decay",
+        "0",
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    assert f"Loading the checkpoint from {tmp_path / 'init'}" in run.output
+    # lr 0: the run's final checkpoint holds exactly the imported weights
+    convert.main(["to-flux", str(dump / "checkpoint" / "step-1"), str(tmp_path / "out.st")])
+    out = load_file(str(tmp_path / "out.st"))
+    original = load_file(str(weights))
+    assert all(torch.equal(out[k], original[k].to(torch.bfloat16)) for k in original)
+
+
+def test_inference_writes_pngs_with_metadata_independent_of_batch_size(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{RED}\n\na small blue square at the top left on a black background\n")
+    common = ["--checkpoint", str(checkpoint), "--steps", "3", "--seed", "7"]
+    infer.main([*common, "--prompts_file", str(prompts), "--out", str(tmp_path / "a")])
+    infer.main(
+        [*common, "--prompts_file", str(prompts), "--batch_size", "1", "--out", str(tmp_path / "b")]
+    )
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert written == ["00000_7.png", "00001_8.png"]
+    image = Image.open(tmp_path / "a" / "00000_7.png")
+    assert image.size == (64, 64)
+    assert image.text["prompt"] == RED and image.text["seed"] == "7"  # type: ignore[attr-defined]
+    settings = json.loads(image.text["settings"])  # type: ignore[attr-defined]
+    assert settings["steps"] == 3 and settings["flavor"] == "flux-debug"
+    for name in written:  # the same up to float rounding of batched matmuls
+        a = np.asarray(Image.open(tmp_path / "a" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "b" / name)).astype(int)
+        assert np.abs(a - b).max() <= 2
+
+
+def test_inference_from_a_safetensors_file(checkpoint, tmp_path) -> None:
+    weights = tmp_path / "model.safetensors"
+    convert.main(["to-flux", str(checkpoint), str(weights), "--dtype", "float32"])
+    infer.main(
+        ["--checkpoint", str(weights), "--steps", "2", "--prompts", RED, "--out", str(tmp_path)]
+    )
+    assert (tmp_path / "00000_0.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda d: d / "missing", "not found"),
+        (lambda d: d, "not a DCP checkpoint"),
+    ],
+)
+def test_inference_errors_are_one_line(tmp_path, capsys, make, expected) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--checkpoint", str(make(tmp_path)), "--prompts", RED])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("infer: error:") and expected in err and "\n" not in err
+
+
+def test_weights_of_another_flavor_are_refused(checkpoint, tmp_path, capsys) -> None:
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    with pytest.raises(SystemExit):
+        convert.main(
+            ["to-flux", str(copy), str(tmp_path / "x.safetensors"), "--flavor", "flux-schnell"]
+        )
+    err = capsys.readouterr().err.strip()
+    assert "does not fit this flavor" in err and "\n" not in err
