@@ -101,7 +101,7 @@ def use_cpu_if_no_accelerator() -> str:
             __import__(name)
             module = sys.modules[name]
         if hasattr(module, "device_type"):
-            module.device_type = "cpu"
+            setattr(module, "device_type", "cpu")  # noqa: B010 (module attributes)
         if hasattr(module, "device_module"):
-            module.device_module = cpu
+            setattr(module, "device_module", cpu)  # noqa: B010
     return "cpu"

@@ -7,8 +7,10 @@ Dimension key: B batch, C latent channels, H/W latent height/width, L image toke
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
@@ -104,3 +106,33 @@ def denoise(
             v = v_uncond + cfg_scale * (v - v_uncond)
         img = img + (t_next - t_curr) * v
     return img
+
+
+def sample_generator(seed: int, step: int, key: str, device: torch.device | str) -> torch.Generator:
+    """The random stream of one sample in one step, named by the sample's data key.
+
+    Stateless, so a resumed run draws exactly what the unbroken run would have; tied to the
+    sample rather than to a rank or a position in a micro-batch, so data-parallel ranks
+    draw differently (their samples differ), and gradient accumulation, or a resume on
+    another world size, draws for each sample what the original layout drew."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest) % (2**63 - 1))
+
+
+@dataclass
+class Streams:
+    """One CPU stream (caption dropout, timestep) and one device stream (noise) per sample."""
+
+    cpu: list[torch.Generator]
+    device: list[torch.Generator]
+
+    @classmethod
+    def of(cls, seed: int, step: int, keys: list[str], device: torch.device) -> Streams:
+        return cls(
+            [sample_generator(seed, step, key, "cpu") for key in keys],
+            [sample_generator(seed, step, key, device) for key in keys],
+        )
+
+    def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """(B, *shape) standard normal, row i from sample i's device stream."""
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in self.device])

@@ -13,16 +13,13 @@ each sample exactly what the unbroken run drew.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.config import JobConfig
@@ -32,147 +29,18 @@ from torchtitan.train import Trainer
 
 from flux.checkpoint import install_load_hooks
 from flux.config import ConfigError, check_config, parse_config
-from flux.data.caption_dropout import drop_captions
 from flux.device import use_cpu_if_no_accelerator
-from flux.model.args import FluxModelArgs
-from flux.model.autoencoder import AutoEncoder, load_ae
-from flux.model.text_encoders import TextEncoder
-from flux.parallelize import DTYPES
-from flux.sampling import image_ids, pack_latents, sample_timesteps, text_ids
+from flux.flow import FlowBatch, FluxPreprocessor, flow_matching_loss
+from flux.sampling import Streams
 from flux.validate import FluxValidator
-
-CLIP_MAX_LENGTH = 77
-
-
-@dataclass
-class FlowBatch:
-    """What the model sees for one micro-batch, and its velocity target."""
-
-    inputs: dict[str, Tensor]  # FluxModel.forward keyword arguments
-    target: Tensor  # (B, L_img, C): noise - x0
-
-
-@dataclass
-class Encoded:
-    """A micro-batch after the frozen encoders."""
-
-    x0: Tensor  # (B, L_img, 4C) packed latents
-    txt: Tensor  # (B, L_txt, D_t5)
-    y: Tensor  # (B, D_clip)
-    height: int  # latent height and width
-    width: int
-
-
-def sample_generator(seed: int, step: int, key: str, device: torch.device | str) -> torch.Generator:
-    """The random stream of one sample in one step, named by the sample's data key.
-
-    Stateless, so a resumed run draws exactly what the unbroken run would have; tied to the
-    sample rather than to a rank or a position in a micro-batch, so data-parallel ranks
-    draw differently (their samples differ), and gradient accumulation, or a resume on
-    another world size, draws for each sample what the original layout drew."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest) % (2**63 - 1))
-
-
-@dataclass
-class Streams:
-    """One CPU stream (caption dropout, timestep) and one device stream (noise) per sample."""
-
-    cpu: list[torch.Generator]
-    device: list[torch.Generator]
-
-    @classmethod
-    def of(cls, seed: int, step: int, keys: list[str], device: torch.device) -> Streams:
-        return cls(
-            [sample_generator(seed, step, key, "cpu") for key in keys],
-            [sample_generator(seed, step, key, device) for key in keys],
-        )
-
-    def randn(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """(B, *shape) standard normal, row i from sample i's device stream."""
-        return torch.stack([torch.randn(shape, generator=g, device=device) for g in self.device])
-
-
-class FluxPreprocessor:
-    """Frozen T5, CLIP and autoencoder: a batch of images and captions -> a FlowBatch."""
-
-    def __init__(self, job_config: JobConfig, model_args: FluxModelArgs, device: torch.device):
-        enc = job_config.encoder
-        dtype = DTYPES[enc.encoder_dtype]
-        self.device = device
-        self.t5 = TextEncoder("t5", enc.t5_encoder, enc.max_t5_encoding_len, dtype).to(device)
-        self.clip = TextEncoder("clip", enc.clip_encoder, CLIP_MAX_LENGTH, dtype).to(device)
-        self.autoencoder: AutoEncoder = load_ae(
-            enc.autoencoder_path, model_args.autoencoder_params, device
-        ).to(dtype)
-        self.dtype = dtype
-        self.guidance_embed = model_args.guidance_embed
-        training = job_config.training
-        self.dropout_prob = training.classifier_free_guidance_prob
-        self.timestep_sampling = training.timestep_sampling
-        self.guidance = training.guidance
-
-    @torch.no_grad()
-    def encode(
-        self,
-        batch: dict[str, Any],
-        dropout_prob: float,
-        streams: Streams,
-    ) -> Encoded:
-        """Captions (after caption dropout) -> T5 and CLIP; images -> sampled, packed latents."""
-        images = batch["images"].to(self.device, self.dtype)
-        t5_captions, clip_captions = drop_captions(batch["captions"], dropout_prob, streams.cpu)
-        moments = self.autoencoder.encoder(images)
-        c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
-        noise = streams.randn((c, h, w), self.device)
-        latents = self.autoencoder.scale_latents(moments, noise=noise).float()
-        return Encoded(
-            pack_latents(latents),
-            self.t5(t5_captions).float(),
-            self.clip(clip_captions).float(),
-            h,
-            w,
-        )
-
-    def flow(self, encoded: Encoded, t: Tensor, noise: Tensor) -> FlowBatch:
-        """The model's inputs at timesteps t (B,) and the velocity target."""
-        x0 = encoded.x0
-        b = x0.shape[0]
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        inputs = {
-            "img": x_t,
-            "img_ids": image_ids(b, encoded.height, encoded.width, self.device),
-            "txt": encoded.txt,
-            "txt_ids": text_ids(b, encoded.txt.shape[1], self.device),
-            "timesteps": t,
-            "y": encoded.y,
-        }
-        if self.guidance_embed:
-            inputs["guidance"] = torch.full((b,), self.guidance, device=self.device)
-        return FlowBatch(inputs, noise - x0)
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, Any], streams: Streams) -> FlowBatch:
-        """A training micro-batch: caption dropout, latents, t from the configured sampling."""
-        encoded = self.encode(batch, self.dropout_prob, streams)
-        x0 = encoded.x0
-        kind, tokens = self.timestep_sampling, x0.shape[1]
-        t = torch.cat([sample_timesteps(kind, 1, tokens, g) for g in streams.cpu])
-        noise = streams.randn(tuple(x0.shape[1:]), self.device)
-        return self.flow(encoded, t.to(self.device), noise)
-
-
-def flow_matching_loss(model: torch.nn.Module, batch: FlowBatch) -> Tensor:
-    """Mean squared error between the predicted and the true velocity."""
-    prediction = model(**batch.inputs)
-    return F.mse_loss(prediction.float(), batch.target.float())
 
 
 class FluxTrainer(Trainer):
     def __init__(self, job_config: JobConfig):
         super().__init__(job_config)
-        if self.device.type == "cpu":
-            self.device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
+        device: torch.device = self.device
+        if device.type == "cpu":
+            self.device = device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
         self.preprocess = FluxPreprocessor(job_config, self.model_args, self.device)
         install_load_hooks(self.checkpointer, self.dataloader)
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")

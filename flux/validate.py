@@ -15,7 +15,7 @@ and a checkpoint saved right after validation sees the usual sharded parameters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,11 +27,10 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 
 from flux.data.dataloader import CaptionedImageLoader
+from flux.flow import FluxPreprocessor, flow_matching_loss
 from flux.generate import SampleSettings, generate, image_grid
 from flux.parallelize import forward_only
-
-if TYPE_CHECKING:
-    from flux.train import FluxPreprocessor
+from flux.sampling import Streams
 
 HELD_OUT_SEED = 1_000_003  # the shapes source's validation samples come from their own seed
 
@@ -116,8 +115,6 @@ class FluxValidator(BaseValidator):
 
     def loss(self, model: nn.Module) -> torch.Tensor:
         """(K,) mean loss over the held-out batches at each stratified timestep."""
-        from flux.train import Streams, flow_matching_loss
-
         assert self.preprocess is not None, "FluxTrainer attaches the encoders"
         validation = self.job_config.validation
         times = stratified_timesteps(validation.loss_timesteps).to(self.device)

@@ -10,7 +10,7 @@ from flux.data.dataloader import CaptionedImageLoader
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallelize import apply_activation_checkpointing, apply_compile
-from flux.train import Streams
+from flux.sampling import Streams
 from tests.model.helpers import model_inputs
 
 
