@@ -143,7 +143,13 @@ flux_configs: dict[str, FluxModelArgs] = {
         guidance_embed=True,
         txt_seq_len=16,
         autoencoder_params=AutoEncoderParams(
-            ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=16
+            ch=32,
+            ch_mult=(1, 2, 2, 2),
+            num_res_blocks=1,
+            z_channels=16,
+            # from flux/assets/autoencoder-debug's latents (make_debug_assets prints them)
+            scale_factor=0.9323,
+            shift_factor=0.0555,
         ),
     ),
 }
