@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.scripts import convert, infer
+from flux.weights import save_safetensors
 from tests.launch import run_train
 from tests.model.helpers import model_inputs, randomize
 from tests.oracle import diffusers_transformer
@@ -166,3 +167,55 @@ def test_weights_of_another_flavor_are_refused(checkpoint, tmp_path, capsys) -> 
         )
     err = capsys.readouterr().err.strip()
     assert "does not fit this flavor" in err and "\n" not in err
+
+
+def test_exported_file_loads_with_diffusers_from_single_file(tmp_path) -> None:
+    """diffusers' single-file converter fixes the width at FLUX.1's 3072 and reads the depth
+    from the file: a full-width model with one block of each kind, config from a local
+    folder (from_single_file would otherwise fetch it from the hub)."""
+    from dataclasses import replace
+
+    from diffusers import FluxTransformer2DModel
+
+    args = replace(
+        flux_configs["flux-dev"], depth=1, depth_single_blocks=1, context_in_dim=64, vec_in_dim=32
+    )
+    with torch.device("meta"):
+        model = FluxModel(args)
+    model = model.to_empty(device="cpu")
+    randomize(model, std=0.02)
+    weights = tmp_path / "flux-mini.safetensors"
+    save_safetensors(model.state_dict(), weights, "float32")  # what to-flux writes
+    config = {
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": args.in_channels,
+        "out_channels": args.out_channels,
+        "num_layers": args.depth,
+        "num_single_layers": args.depth_single_blocks,
+        "attention_head_dim": args.hidden_size // args.num_heads,
+        "num_attention_heads": args.num_heads,
+        "joint_attention_dim": args.context_in_dim,
+        "pooled_projection_dim": args.vec_in_dim,
+        "guidance_embeds": args.guidance_embed,
+        "axes_dims_rope": list(args.axes_dim),
+    }
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text(json.dumps(config))
+    theirs = FluxTransformer2DModel.from_single_file(
+        str(weights), config=str(tmp_path / "config"), local_files_only=True
+    ).eval()
+    i = model_inputs(args, h=2, w=2, txt_len=3)
+    with torch.no_grad():
+        a = model(**i)
+        b = theirs(
+            hidden_states=i["img"],
+            encoder_hidden_states=i["txt"],
+            pooled_projections=i["y"],
+            timestep=i["timesteps"],
+            img_ids=i["img_ids"][0],
+            txt_ids=i["txt_ids"][0],
+            guidance=i["guidance"],
+            return_dict=False,
+        )[0]
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
