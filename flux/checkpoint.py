@@ -17,6 +17,10 @@ from torchtitan.components.checkpoint import DATALOADER, CheckpointManager
 from flux.data.dataloader import CaptionedImageLoader
 
 
+class CheckpointError(ValueError):
+    """A checkpoint this run cannot resume from; the message says what to do, in one line."""
+
+
 def saved_entries(checkpoint_id: str) -> list[str]:
     """The flattened keys of a DCP checkpoint folder (e.g. 'dataloader.dp_rank_0')."""
     return list(FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
@@ -28,10 +32,20 @@ def install_load_hooks(checkpointer: CheckpointManager, dataloader: Any) -> None
     def dcp_load(
         state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool
     ) -> None:
-        if not from_hf and isinstance(dataloader, CaptionedImageLoader):
+        if not from_hf:
+            entries = saved_entries(checkpoint_id)
+            wanted = [k for k in ("optimizer", "lr_scheduler", DATALOADER) if k in state_dict]
+            saved_groups = {k.split(".")[0] for k in entries}
+            if wanted and not saved_groups & set(wanted):
+                raise CheckpointError(
+                    f"{checkpoint_id} holds the model only (checkpoint.last_save_model_only): "
+                    "to train on from its weights, start a new dump folder with "
+                    f"--checkpoint.initial_load_path {checkpoint_id}; to resume, keep full "
+                    "checkpoints (last_save_model_only = false)"
+                )
             prefix = f"{DATALOADER}."
-            saved = [k[len(prefix) :] for k in saved_entries(checkpoint_id) if k.startswith(prefix)]
-            if DATALOADER in state_dict:
+            saved = [k[len(prefix) :] for k in entries if k.startswith(prefix)]
+            if DATALOADER in state_dict and isinstance(dataloader, CaptionedImageLoader):
                 dataloader.expect_saved_ranks(saved)
         load(state_dict, checkpoint_id, from_hf, from_quantized)
 

@@ -27,7 +27,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from flux.checkpoint import install_load_hooks
+from flux.checkpoint import CheckpointError, install_load_hooks
 from flux.config import ConfigError, check_config, parse_config
 from flux.device import use_cpu_if_no_accelerator
 from flux.flow import FlowBatch, FluxPreprocessor, flow_matching_loss
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = FluxTrainer(config)
         trainer.train()
+    except CheckpointError as e:
+        print(f"flux: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         if trainer is not None:
             trainer.close()

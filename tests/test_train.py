@@ -157,3 +157,16 @@ def test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2(fsdp, tmp_path) -> N
     assert "dp_replicate=2" in run.output and "dp_shard=2" in run.output
     assert "Training starts at step 3" in run.output
     assert_same_losses(run, reference, [3, 4], rel=1e-4)
+
+
+def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
+    from flux.model.args import flux_configs
+    from flux.model.model import FluxModel
+    from flux.weights import save_dcp
+
+    save_dcp(FluxModel(flux_configs["flux-debug"]).state_dict(), tmp_path / "checkpoint" / "step-2")
+    run = run_train(tmp_path, "--training.steps", "4", *CHECKPOINT)
+    assert run.returncode != 0
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert len(lines) == 1 and "holds the model only" in lines[0], run.output[-2000:]
+    assert "initial_load_path" in lines[0]
