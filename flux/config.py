@@ -211,11 +211,9 @@ def check_config(job_config: JobConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
         )
-    for key in ("dataset_path",):
-        for section in (training, validation):
-            value = getattr(section, key)
-            if value:
-                setattr(section, key, resolve_path(value))
+    for section in (training, validation):
+        if section.dataset_path:
+            section.dataset_path = resolve_path(section.dataset_path)
 
     patch = 16  # 8× autoencoder downsampling, then 2×2 patches
     img_tokens = (training.img_size // patch) ** 2

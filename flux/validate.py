@@ -110,7 +110,7 @@ class FluxValidator(BaseValidator):
         times = stratified_timesteps(len(per_t)).tolist()
         extra = {f"validation_metrics/loss_t{t:.2f}": v for t, v in zip(times, per_t)}
         self.metrics_processor.log_validation(loss, step, extra_metrics=extra)
-        if torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             self.save_grid(images, step)
 
     def loss(self, model: nn.Module) -> torch.Tensor:
@@ -119,10 +119,10 @@ class FluxValidator(BaseValidator):
         validation = self.job_config.validation
         times = stratified_timesteps(validation.loss_timesteps).to(self.device)
         totals = torch.zeros(len(times), device=self.device)
+        seed = HELD_OUT_SEED + self.job_config.training.seed_data
         iterator = iter(self.loader())
         for _ in range(validation.steps):
             batch = next(iterator)
-            seed = HELD_OUT_SEED + self.job_config.training.seed_data
             streams = Streams.of(seed, 0, batch["keys"], self.device)
             encoded = self.preprocess.encode(batch, 0.0, streams)
             noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)

@@ -73,22 +73,41 @@ def reference_to_diffusers(sd: dict[str, Tensor], args: FluxModelArgs) -> dict[s
     return out
 
 
+def diffusers_config(args: FluxModelArgs) -> dict:
+    """FluxTransformer2DModel's constructor arguments (its config.json) for these args."""
+    return {
+        "patch_size": 1,
+        "in_channels": args.in_channels,
+        "out_channels": args.out_channels,
+        "num_layers": args.depth,
+        "num_single_layers": args.depth_single_blocks,
+        "attention_head_dim": args.hidden_size // args.num_heads,
+        "num_attention_heads": args.num_heads,
+        "joint_attention_dim": args.context_in_dim,
+        "pooled_projection_dim": args.vec_in_dim,
+        "guidance_embeds": args.guidance_embed,
+        "axes_dims_rope": list(args.axes_dim),
+    }
+
+
 def diffusers_transformer(sd: dict[str, Tensor], args: FluxModelArgs) -> FluxTransformer2DModel:
-    model = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=args.in_channels,
-        out_channels=args.out_channels,
-        num_layers=args.depth,
-        num_single_layers=args.depth_single_blocks,
-        attention_head_dim=args.hidden_size // args.num_heads,
-        num_attention_heads=args.num_heads,
-        joint_attention_dim=args.context_in_dim,
-        pooled_projection_dim=args.vec_in_dim,
-        guidance_embeds=args.guidance_embed,
-        axes_dims_rope=tuple(args.axes_dim),
-    )
+    model = FluxTransformer2DModel(**diffusers_config(args))
     model.load_state_dict(reference_to_diffusers(sd, args), strict=True)
     return model.eval()
+
+
+def diffusers_forward(model: FluxTransformer2DModel, inputs: dict[str, Tensor]) -> Tensor:
+    """diffusers' forward on FluxModel.forward's keyword arguments (ids without the batch)."""
+    return model(
+        hidden_states=inputs["img"],
+        encoder_hidden_states=inputs["txt"],
+        pooled_projections=inputs["y"],
+        timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"][0],
+        txt_ids=inputs["txt_ids"][0],
+        guidance=inputs.get("guidance"),
+        return_dict=False,
+    )[0]
 
 
 def diffusers_autoencoder(sd: dict[str, Tensor], params: AutoEncoderParams) -> AutoencoderKL:

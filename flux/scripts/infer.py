@@ -27,7 +27,7 @@ from flux.model.args import flux_configs
 from flux.model.autoencoder import load_ae
 from flux.model.model import FluxModel
 from flux.model.text_encoders import TextEncoder
-from flux.weights import WeightsError, load_weights
+from flux.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -65,17 +65,17 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise WeightsError(f"prompts file {path} not found")
+            raise ValueError(f"prompts file {path} not found")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise WeightsError("no prompts: give --prompts TEXT ... or --prompts_file FILE")
+        raise ValueError("no prompts: give --prompts TEXT ... or --prompts_file FILE")
     return prompts
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(args)
     if args.size % 16 or args.size < 16:
-        raise WeightsError(f"--size {args.size}: use a positive multiple of 16")
+        raise ValueError(f"--size {args.size}: use a positive multiple of 16")
     model_args = flux_configs[args.flavor]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = FluxModel(model_args)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (WeightsError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # WeightsError is a ValueError
         print(f"infer: error: {e}", file=sys.stderr)
         sys.exit(2)
 

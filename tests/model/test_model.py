@@ -4,7 +4,7 @@ import torch
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from tests.model.helpers import model_inputs, randomize, small_args
-from tests.oracle import diffusers_transformer
+from tests.oracle import diffusers_forward, diffusers_transformer
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -21,16 +21,7 @@ def test_transformer_matches_diffusers_on_the_same_weights(guidance_embed: bool)
 
     with torch.no_grad():
         ours = model(**inputs)
-        theirs = oracle(
-            hidden_states=inputs["img"],
-            encoder_hidden_states=inputs["txt"],
-            pooled_projections=inputs["y"],
-            timestep=inputs["timesteps"],
-            img_ids=inputs["img_ids"][0],
-            txt_ids=inputs["txt_ids"][0],
-            guidance=inputs.get("guidance"),
-            return_dict=False,
-        )[0]
+        theirs = diffusers_forward(oracle, inputs)
 
     assert ours.shape == theirs.shape
     assert relative_error(ours, theirs) < 1e-5

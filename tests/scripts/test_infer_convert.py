@@ -18,7 +18,7 @@ from flux.scripts import convert, infer
 from flux.weights import save_safetensors
 from tests.launch import run_train
 from tests.model.helpers import model_inputs, randomize
-from tests.oracle import diffusers_transformer
+from tests.oracle import diffusers_config, diffusers_forward, diffusers_transformer
 
 ARGS = flux_configs["flux-debug"]
 RED = "a large red circle at the center on a white background"
@@ -72,16 +72,7 @@ def test_exported_file_gives_diffusers_the_same_output(checkpoint, tmp_path) -> 
     i = model_inputs(ARGS)
     with torch.no_grad():
         a = ours(**i)
-        b = theirs(
-            hidden_states=i["img"],
-            encoder_hidden_states=i["txt"],
-            pooled_projections=i["y"],
-            timestep=i["timesteps"],
-            img_ids=i["img_ids"][0],
-            txt_ids=i["txt_ids"][0],
-            guidance=i["guidance"],
-            return_dict=False,
-        )[0]
+        b = diffusers_forward(theirs, i)
     assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
@@ -186,20 +177,7 @@ def test_exported_file_loads_with_diffusers_from_single_file(tmp_path) -> None:
     randomize(model, std=0.02)
     weights = tmp_path / "flux-mini.safetensors"
     save_safetensors(model.state_dict(), weights, "float32")  # what to-flux writes
-    config = {
-        "_class_name": "FluxTransformer2DModel",
-        "patch_size": 1,
-        "in_channels": args.in_channels,
-        "out_channels": args.out_channels,
-        "num_layers": args.depth,
-        "num_single_layers": args.depth_single_blocks,
-        "attention_head_dim": args.hidden_size // args.num_heads,
-        "num_attention_heads": args.num_heads,
-        "joint_attention_dim": args.context_in_dim,
-        "pooled_projection_dim": args.vec_in_dim,
-        "guidance_embeds": args.guidance_embed,
-        "axes_dims_rope": list(args.axes_dim),
-    }
+    config = {"_class_name": "FluxTransformer2DModel", **diffusers_config(args)}
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "config.json").write_text(json.dumps(config))
     theirs = FluxTransformer2DModel.from_single_file(
@@ -208,14 +186,5 @@ def test_exported_file_loads_with_diffusers_from_single_file(tmp_path) -> None:
     i = model_inputs(args, h=2, w=2, txt_len=3)
     with torch.no_grad():
         a = model(**i)
-        b = theirs(
-            hidden_states=i["img"],
-            encoder_hidden_states=i["txt"],
-            pooled_projections=i["y"],
-            timestep=i["timesteps"],
-            img_ids=i["img_ids"][0],
-            txt_ids=i["txt_ids"][0],
-            guidance=i["guidance"],
-            return_dict=False,
-        )[0]
+        b = diffusers_forward(theirs, i)
     assert ((a - b).norm() / b.norm()).item() < 1e-4
