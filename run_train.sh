@@ -4,8 +4,11 @@
 #   NGPU=8 CONFIG_FILE=flux/train_configs/flux_schnell_model.toml ./run_train.sh
 #   ./run_train.sh --training.steps 4 --parallelism.data_parallel_shard_degree 2
 # NGPU: processes (default: the visible GPUs, else 1). CONFIG_FILE: the TOML (default: the
-# debug config). LOG_RANK: ranks whose output is shown (default 0). Other arguments go to
-# the trainer.
+# debug config). LOG_RANK: ranks whose output is shown (default 0). MAX_RESTARTS: how often
+# torchrun restarts the processes from the last checkpoint when one dies (default 0). Other
+# arguments go to the trainer.
+# SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint; the script then
+# exits with 75 (run it again to resume).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,6 +25,26 @@ case " $* " in
     *) WORLD_SIZE="${NGPU}" python -m flux.config --job.config_file "${CONFIG_FILE}" "$@" ;;
 esac
 
-exec torchrun --nproc_per_node="${NGPU}" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+FLUX_REQUEUE_FILE=$(mktemp)
+export FLUX_REQUEUE_FILE
+trap 'rm -f "${FLUX_REQUEUE_FILE}"' EXIT
+
+torchrun --nproc_per_node="${NGPU}" --rdzv_backend c10d --rdzv_endpoint="localhost:0" \
+    --max-restarts "${MAX_RESTARTS:-0}" --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+    --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
     --local-ranks-filter "${LOG_RANK}" --role rank --tee 3 \
-    -m flux.train --job.config_file "${CONFIG_FILE}" "$@"
+    -m flux.train --job.config_file "${CONFIG_FILE}" "$@" &
+TORCHRUN=$!
+# Pass a stop signal on to torchrun, which passes it to every process; then wait for them.
+trap 'kill -s TERM ${TORCHRUN} 2>/dev/null || true' TERM
+trap 'kill -s USR1 ${TORCHRUN} 2>/dev/null || true' USR1
+status=0
+while true; do
+    wait "${TORCHRUN}" && status=0 || status=$?
+    kill -0 "${TORCHRUN}" 2>/dev/null || break  # wait was cut short by a signal: wait again
+done
+if [ -s "${FLUX_REQUEUE_FILE}" ]; then
+    echo "flux: $(cat "${FLUX_REQUEUE_FILE}"): run the same command again to resume" >&2
+    exit 75
+fi
+exit "${status}"

@@ -49,6 +49,10 @@ class Training:
     seed_data: int = 0
     """Seed of the data order, caption dropout and noise streams (each rank derives its own)"""
 
+    max_nonfinite_steps: int = 10
+    """A step whose loss or gradients are not finite is not applied; after this many in a
+    row the run stops (its last checkpoint intact)"""
+
 
 @dataclass
 class Validation:

@@ -9,6 +9,9 @@ and the loss is the mean squared error. Randomness (dropout, t, posterior and fl
 comes from a generator per sample seeded by (seed, step, the sample's data key): ranks
 differ, and a resumed run, with gradient accumulation or on another world size, draws for
 each sample exactly what the unbroken run drew.
+
+A step whose loss or gradients are not finite is not applied; SIGTERM/SIGUSR1 stop the run
+after the current step with a checkpoint (flux.resilience).
 """
 
 from __future__ import annotations
@@ -27,22 +30,37 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from flux.checkpoint import CheckpointError, install_load_hooks
+from flux.checkpoint import CheckpointError, install_load_hooks, install_save_gate, wait_for_save
 from flux.config import ConfigError, check_config, parse_config
 from flux.device import use_cpu_if_no_accelerator
 from flux.flow import FlowBatch, FluxPreprocessor, flow_matching_loss
+from flux.resilience import (
+    REQUEUE_EXIT_CODE,
+    NonFiniteLossError,
+    NonFiniteSteps,
+    StopSignals,
+    step_verdict,
+    store_of_this_attempt,
+    write_requeue_file,
+)
 from flux.sampling import Streams
 from flux.validate import FluxValidator
 
 
 class FluxTrainer(Trainer):
     def __init__(self, job_config: JobConfig):
+        self.stop_signals = StopSignals()
+        self.stop_signals.install()  # before the (long) set-up: a signal then stops at step 1
+        self.preempted = False
+        self.stop_error: NonFiniteLossError | None = None  # ends the loop without a traceback
+        self.nonfinite = NonFiniteSteps(job_config.training.max_nonfinite_steps)
         super().__init__(job_config)
         device: torch.device = self.device
         if device.type == "cpu":
             self.device = device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
         self.preprocess = FluxPreprocessor(job_config, self.model_args, self.device)
         install_load_hooks(self.checkpointer, self.dataloader)
+        install_save_gate(self.checkpointer, self.save_now)
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.images_since_log = 0
@@ -51,6 +69,10 @@ class FluxTrainer(Trainer):
             assert isinstance(self.validator, FluxValidator)
             self.flux_validator = self.validator
             self.flux_validator.attach(self.preprocess, self.device)
+
+    def init_distributed(self) -> Any:
+        with store_of_this_attempt():
+            return super().init_distributed()
 
     def batch_generator(self, data_iterable: Iterable[Any]) -> Iterator[dict[str, Any]]:
         """Batches of {"images", "captions", "keys"}; counts tokens and loading time."""
@@ -74,11 +96,29 @@ class FluxTrainer(Trainer):
         )
         return self.preprocess(batch, streams)
 
+    def save_now(self) -> bool | None:
+        """Overrides the checkpoint interval: never while the latest step was not applied,
+        always when stopping for a signal; None: as configured."""
+        if self.nonfinite.in_streak:
+            return False
+        return True if self.preempted else None
+
+    def should_continue_training(self) -> bool:
+        stop = self.preempted or self.stop_error is not None
+        return not stop and super().should_continue_training()
+
     def train_step(self, data_iterator: Iterator[dict[str, Any]]) -> None:  # type: ignore[override]
         """One optimizer step over gradient_accumulation_steps micro-batches, its metrics, and
         validation when due: inside the step, so the step's checkpoint comes after it."""
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
-        loss, grad_norm = self.optimize(data_iterator)
+        try:
+            loss, grad_norm = self.optimize(data_iterator)
+        except NonFiniteLossError as e:
+            self.stop_error = e
+            return
+        if self.preempted:
+            why = self.stop_signals.received or "a signal to another rank"
+            logger.warning(f"step {self.step}: stopping for {why}; saving a checkpoint")
         if self.metrics_processor.should_log(self.step):
             self.log_step(loss, grad_norm, lr)
         if self.flux_validator is not None and self.flux_validator.is_due(self.step):
@@ -102,10 +142,16 @@ class FluxTrainer(Trainer):
         grad_norm = dist_utils.clip_grad_norm_(
             list(model.parameters()), self.job_config.training.max_norm, foreach=True
         )
+        loss = torch.stack(losses).sum()
+        finite, self.preempted = step_verdict(
+            loss, grad_norm, self.stop_signals.received is not None
+        )
         self.checkpointer.maybe_wait_for_staging()
-        self.optimizers.step()
-        self.lr_schedulers.step()
-        return torch.stack(losses).sum(), grad_norm
+        if finite:
+            self.optimizers.step()
+        self.lr_schedulers.step()  # the schedule follows the step count, applied or not
+        self.nonfinite.record(self.step, finite, loss.item(), grad_norm.item())
+        return loss, grad_norm
 
     def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float) -> None:
         if self.parallel_dims.dp_enabled:
@@ -144,9 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = FluxTrainer(config)
         trainer.train()
+        if trainer.stop_error is not None:
+            raise trainer.stop_error
+        if trainer.preempted:
+            wait_for_save(trainer.checkpointer)
+            folder = trainer.checkpointer.folder if trainer.checkpointer.enable else None
+            write_requeue_file(trainer.step, folder)
+            sys.exit(REQUEUE_EXIT_CODE)
     except CheckpointError as e:
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"flux: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         if trainer is not None:
             trainer.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.launch import ANSI, ROOT, Run
+from tests.launch import ANSI, ROOT, Run, Training
+
+SCRIPT = ROOT / "flux/scripts/slurm_train.sh"
 
 SRUN = """#!/usr/bin/env bash
 # srun stand-in: drop srun's own options, run the command once (one node)
@@ -16,7 +19,7 @@ while [[ "$1" == --* ]]; do shift; done
 exec "$@"
 """
 SCONTROL = """#!/usr/bin/env bash
-echo localhost
+if [ "$1" = requeue ]; then echo "$@" >> "${SCONTROL_LOG}"; else echo localhost; fi
 """
 
 
@@ -28,9 +31,9 @@ def fake_slurm(bin_dir: Path) -> None:
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def slurm_train(tmp_path: Path, *args: str) -> Run:
+def slurm_env(tmp_path: Path) -> dict[str, str]:
     fake_slurm(tmp_path / "bin")
-    env = dict(
+    return dict(
         os.environ,
         PATH=f"{tmp_path / 'bin'}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}"
         f"{os.environ['PATH']}",
@@ -42,8 +45,14 @@ def slurm_train(tmp_path: Path, *args: str) -> Run:
         PORT="0",
         CONFIG_FILE="flux/train_configs/debug_model.toml",
         PYTHONUNBUFFERED="1",
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        FLUX_REQUEUE_FILE=str(tmp_path / "requeue"),
     )
-    cmd = [str(ROOT / "flux/scripts/slurm_train.sh"), "--job.dump_folder", str(tmp_path), *args]
+
+
+def slurm_train(tmp_path: Path, *args: str) -> Run:
+    env = slurm_env(tmp_path)
+    cmd = [str(SCRIPT), "--job.dump_folder", str(tmp_path), *args]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
 
@@ -60,3 +69,21 @@ def test_slurm_script_refuses_a_bad_config_before_launching(tmp_path) -> None:
     assert run.returncode == 2
     assert "flux: error: parallel degrees multiply to 3" in run.output
     assert "ChildFailedError" not in run.output  # refused before torchrun started
+
+
+def test_slurm_signal_checkpoints_and_requeues_the_job(tmp_path) -> None:
+    """`#SBATCH --signal=USR1@300`: SLURM signals the processes of the job step (torchrun
+    and the trainers), not the batch shell; the shell then requeues the job."""
+    dump = tmp_path / "run"
+    args = ("--training.steps", "40", "--checkpoint.enable", "--checkpoint.interval", "1000")
+    training = Training(dump, *args, env=slurm_env(tmp_path), script=SCRIPT)
+    training.wait_until(lambda: len(training.worker_pids()) == 3 and "step:  2 " in training.output)
+    for pid in training.worker_pids().values():
+        os.kill(pid, signal.SIGUSR1)
+    run = training.finish()
+    assert run.returncode == 0, run.output[-3000:]
+    last = max(run.losses)
+    assert last < 40
+    assert f"preempted after step {last}; checkpoint" in run.output
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == [f"step-{last}"]

@@ -1,0 +1,151 @@
+"""A run keeps its work: preemption signals, killed processes, half-written checkpoints,
+non-finite steps, a checkpoint of another model. Through ./run_train.sh with two processes
+(FSDP on gloo), against one unbroken run of the same 16 steps made once per session."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from flux.checkpoint import checkpoint_problem, latest_complete_step
+from tests.launch import Run, Training, run_train
+
+STEPS = 16
+ARGS = (
+    "--debug.seed",
+    "0",
+    "--training.steps",
+    str(STEPS),
+    "--training.local_batch_size",
+    "4",
+    "--validation.freq",
+    "100",  # validates once, at step 1
+    "--validation.steps",
+    "1",
+    "--validation.sampling_steps",
+    "2",
+    "--checkpoint.enable",
+)
+EVERY_4 = ("--checkpoint.interval", "4")
+
+
+def final_loss(run: Run) -> float:
+    assert run.returncode == 0, run.output[-3000:]
+    assert max(run.losses) == STEPS
+    return run.losses[STEPS]
+
+
+def saved(dump: Path) -> list[str]:
+    return sorted(p.name for p in (dump / "checkpoint").iterdir())
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> tuple[Run, Path]:
+    dump = tmp_path_factory.mktemp("unbroken")
+    return run_train(dump, *ARGS, *EVERY_4, nproc=2), dump
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_ends_unbroken(
+    unbroken, tmp_path
+) -> None:
+    dump = tmp_path / "run"
+    args = (*ARGS, "--checkpoint.interval", "1000")  # no checkpoint but the one on SIGTERM
+    training = Training(dump, *args, nproc=2)
+    training.wait_until(lambda: "step:  2 " in training.output)
+    training.process.send_signal(signal.SIGTERM)  # to run_train.sh, as a scheduler would
+    stopped = training.finish()
+    assert stopped.returncode == 75, stopped.output[-3000:]
+    last = max(stopped.losses)
+    assert 2 <= last < STEPS
+    assert saved(dump) == [f"step-{last}"]
+    assert f"preempted after step {last}" in stopped.output
+    assert "run the same command again" in stopped.output
+
+    resumed = run_train(dump, *args, nproc=2)
+    assert min(resumed.losses) == last + 1
+    assert final_loss(resumed) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+
+
+def test_a_killed_process_restarts_from_the_last_checkpoint_and_ends_unbroken(
+    unbroken, tmp_path
+) -> None:
+    dump = tmp_path / "run"
+    training = Training(dump, *ARGS, *EVERY_4, nproc=2, env={"MAX_RESTARTS": "1"})
+    training.wait_until(lambda: (dump / "checkpoint" / "step-4" / ".metadata").is_file())
+    training.wait_until(lambda: 1 in training.worker_pids())
+    killed_at = max(Run(0, training.output).losses)
+    os.kill(training.worker_pids()[1], signal.SIGKILL)
+    run = training.finish()
+    assert "exitcode: -9" in run.output, run.output[-3000:]  # torchrun saw the kill
+    assert killed_at < STEPS, "the run ended before the kill"
+    assert final_loss(run) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+
+
+def test_half_written_checkpoints_are_skipped_and_named(unbroken, tmp_path) -> None:
+    reference = unbroken[1] / "checkpoint"
+    dump = tmp_path / "run"
+    for step in (4, 8, 12):
+        shutil.copytree(reference / f"step-{step}", dump / "checkpoint" / f"step-{step}")
+    (dump / "checkpoint" / "step-12" / ".metadata").unlink()  # killed before DCP's last write
+    data = sorted((dump / "checkpoint" / "step-8").glob("*.distcp"))[-1]
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a disk that lost data
+    assert "no .metadata" in (checkpoint_problem(dump / "checkpoint" / "step-12") or "")
+    assert "cut short" in (checkpoint_problem(dump / "checkpoint" / "step-8") or "")
+    assert checkpoint_problem(reference / "step-4") is None
+    assert latest_complete_step(dump / "checkpoint") == 4
+
+    run = run_train(dump, *ARGS, *EVERY_4, nproc=2)
+    assert "step-12 is incomplete (no .metadata" in run.output
+    assert "step-8 is incomplete" in run.output and "cut short" in run.output
+    assert "resuming from step-4, the newest complete checkpoint" in run.output
+    assert min(run.losses) == 5
+    assert final_loss(run) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+
+
+def test_an_explicit_load_of_a_half_written_checkpoint_is_refused_in_one_line(
+    unbroken, tmp_path
+) -> None:
+    dump = tmp_path / "run"
+    shutil.copytree(unbroken[1] / "checkpoint" / "step-4", dump / "checkpoint" / "step-4")
+    (dump / "checkpoint" / "step-4" / ".metadata").unlink()
+    run = run_train(dump, *ARGS, "--checkpoint.load_step", "4")
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
+    assert "step-4 is incomplete (no .metadata" in lines[0]
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(
+    tmp_path,
+) -> None:
+    # lr 1e30: step 1 throws the weights to ~1e30, so every later loss overflows
+    args = ("--optimizer.lr", "1e30", "--checkpoint.interval", "1")
+    run = run_train(tmp_path, *ARGS, *args, "--training.max_nonfinite_steps", "3")
+    assert run.returncode == 1
+    for step in (2, 3, 4):
+        assert f"step {step}: loss nan / gradient norm nan not finite" in run.output
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert len(lines) == 1 and "not finite for 3 steps in a row" in lines[0], run.output[-3000:]
+    assert saved(tmp_path) == ["step-1"]  # nothing saved after the last good step
+    assert checkpoint_problem(tmp_path / "checkpoint" / "step-1") is None
+    assert math.isfinite(run.losses[1]) and math.isnan(run.losses[2])
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
+    import dataclasses
+
+    from flux.model.args import flux_configs
+    from flux.model.model import FluxModel
+    from flux.weights import save_dcp
+
+    wider = dataclasses.replace(flux_configs["flux-debug"], hidden_size=128, num_heads=8)
+    save_dcp(FluxModel(wider).state_dict(), tmp_path / "checkpoint" / "step-2")
+    run = run_train(tmp_path, *ARGS)
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
+    assert "was written by another model" in lines[0] and "model.flavor" in lines[0]
+    assert "step:" not in run.output  # refused before any step
