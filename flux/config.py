@@ -3,8 +3,9 @@
 parse_config reads the TOML itself first, so that an unreadable file, a key that does not
 exist or a value of the wrong type is one ConfigError naming the file, section and key,
 instead of a traceback from deep inside torchtitan. check_config then checks what the
-values mean (flavor, dataset, parallel degrees against the world size, files) and sets
-the values derived from them. flux.train's main prints a ConfigError as one line.
+values mean (flavor, dataset, parallel degrees against the world size, files, a
+precomputed cache's settings against the job's) and sets the values derived from them.
+flux.train's main prints a ConfigError as one line.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torchtitan.config import ConfigManager, JobConfig
+
+if TYPE_CHECKING:
+    from flux.data.precomputed import CacheSettings
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where relative asset paths also resolve
 CUSTOM_CONFIG_MODULE = "flux.job_config"
@@ -177,8 +181,56 @@ def check_parallel_degrees(p: Any, world_size: int) -> None:
         )
 
 
-def check_config(job_config: JobConfig, world_size: int | None = None) -> None:
-    """What the values mean; sets derived values (seq_len, resolved paths)."""
+def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
+    """What a precomputed cache of this job's data, at img_size, is made with (precompute
+    records it; training compares it). The autoencoder is named by its weights' hash."""
+    from flux.data.precomputed import CacheSettings, file_sha256
+    from flux.model.args import flux_configs
+
+    enc = job_config.encoder
+    return CacheSettings(
+        t5_encoder=enc.t5_encoder,
+        clip_encoder=enc.clip_encoder,
+        max_t5_encoding_len=enc.max_t5_encoding_len,
+        encoder_dtype=enc.encoder_dtype,
+        img_size=img_size,
+        autoencoder_sha256=file_sha256(enc.autoencoder_path),
+        latent_channels=flux_configs[job_config.model.flavor].autoencoder_params.z_channels,
+    )
+
+
+def check_precomputed(job_config: JobConfig) -> None:
+    """A `precomputed` training or validation set is a finished cache made with this job's
+    encoder settings and image size."""
+    from flux.data.precomputed import PRECOMPUTE_HINT, CacheError, check_cache
+
+    training, validation = job_config.training, job_config.validation
+    sections = [("training", training)] + (
+        [("validation", validation)] if validation.enable else []
+    )
+    expected = None  # the autoencoder is hashed once
+    for key, section in sections:
+        if section.dataset != "precomputed":
+            continue
+        if not section.dataset_path:
+            raise ConfigError(
+                f"{key}.dataset = 'precomputed' needs {key}.dataset_path: the folder "
+                f"`{PRECOMPUTE_HINT}` wrote"
+            )
+        if expected is None:
+            expected = cache_settings(job_config, section.img_size)
+        expected = dataclasses.replace(expected, img_size=section.img_size)
+        try:
+            check_cache(section.dataset_path, expected)
+        except CacheError as e:
+            raise ConfigError(f"{key}.dataset_path: {e}") from None
+
+
+def check_config(
+    job_config: JobConfig, world_size: int | None = None, parallelism: bool = True
+) -> None:
+    """What the values mean; sets derived values (seq_len, resolved paths). parallelism=False
+    leaves out the parallel degrees (precompute runs processes of its own)."""
     from flux.data.dataset import SOURCES
     from flux.model.args import flux_configs
     from flux.model.autoencoder import DOWNLOAD_HINT
@@ -204,7 +256,8 @@ def check_config(job_config: JobConfig, world_size: int | None = None) -> None:
     for key, size in sizes:
         if size < 16 or size % 16:
             raise ConfigError(f"{key} = {size}: use a positive multiple of 16")
-    check_parallel_degrees(job_config.parallelism, world_size)
+    if parallelism:
+        check_parallel_degrees(job_config.parallelism, world_size)
 
     encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
     if not Path(encoder.autoencoder_path).is_file():
@@ -214,6 +267,7 @@ def check_config(job_config: JobConfig, world_size: int | None = None) -> None:
     for section in (training, validation):
         if section.dataset_path:
             section.dataset_path = resolve_path(section.dataset_path)
+    check_precomputed(job_config)
 
     patch = 16  # 8× autoencoder downsampling, then 2×2 patches
     img_tokens = (training.img_size // patch) ** 2

@@ -9,6 +9,7 @@ same image on any device, world size and batch size. Images are (B, 3, H, W) in 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,6 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
 from flux.model.autoencoder import AutoEncoder
-from flux.model.text_encoders import TextEncoder
 from flux.sampling import denoise, get_schedule, image_ids, pack_latents, text_ids, unpack_latents
 
 
@@ -34,15 +34,17 @@ class SampleSettings:
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    t5: TextEncoder,
-    clip: TextEncoder,
+    t5: Callable[[list[str]], Tensor],
+    clip: Callable[[list[str]], Tensor],
     autoencoder: AutoEncoder,
     prompts: list[str],
     settings: SampleSettings,
     device: torch.device | str = "cpu",
     guidance_embed: bool = False,
 ) -> Tensor:
-    """Sample one image per prompt: Euler steps over the schedule, then the decoder."""
+    """Sample one image per prompt: Euler steps over the schedule, then the decoder.
+
+    t5, clip: captions -> (B, L, D_t5), (B, D_clip): TextEncoders, or encodings looked up."""
     if settings.img_size % 16:
         raise ValueError(f"image size {settings.img_size} must be a multiple of 16")
     b = len(prompts)

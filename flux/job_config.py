@@ -58,7 +58,8 @@ class Training:
 class Validation:
     dataset: str = "shapes"
     """Held-out data for the validation loss: a dataset source, as training.dataset (shapes
-    draws its validation samples from a seed of their own)"""
+    draws its validation samples from a seed of their own; precomputed reads a cache made
+    with `python -m flux.scripts.precompute --split validation`)"""
 
     steps: int = 2
     """Held-out batches per validation (the same ones each time)"""

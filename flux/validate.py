@@ -146,10 +146,12 @@ class FluxValidator(BaseValidator):
             shift=self.job_config.training.timestep_sampling == "flux_shift",
             seed=self.job_config.training.seed_data,
         )
+        assert pre.autoencoder is not None, "FluxPreprocessor keeps the decoder to validate"
+        t5, clip = pre.text_encoders()  # with precomputed data, maybe the cache's encodings
         return generate(
             model,
-            pre.t5,
-            pre.clip,
+            t5,
+            clip,
             pre.autoencoder,
             list(validation.sample_prompts),
             settings,

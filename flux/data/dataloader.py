@@ -14,16 +14,18 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchtitan.components.dataloader import BaseDataLoader
 
-from flux.data.dataset import CaptionedImages, Sample
+from flux.data.dataset import CaptionedImages
+from flux.data.precomputed import TENSORS, CachedSample
 
 
-def collate(samples: list[Sample]) -> dict[str, Any]:
-    """Samples -> {"images": (B, 3, H, W), "captions": [str], "keys": [str]}."""
-    return {
-        "images": torch.stack([s.image for s in samples]),
-        "captions": [s.caption for s in samples],
-        "keys": [s.key for s in samples],
-    }
+def collate(samples: list[Any]) -> dict[str, Any]:
+    """Samples -> {"images": (B, 3, H, W), "captions": [str], "keys": [str]}; CachedSamples ->
+    {"t5": (B, L, D_t5), "clip": (B, D_clip), "moments": (B, 2C, h, w), "captions", "keys"}."""
+    if isinstance(samples[0], CachedSample):
+        tensors = {name: torch.stack([getattr(s, name) for s in samples]) for name in TENSORS}
+    else:
+        tensors = {"images": torch.stack([s.image for s in samples])}
+    return {**tensors, "captions": [s.caption for s in samples], "keys": [s.key for s in samples]}
 
 
 class CaptionedImageLoader(StatefulDataLoader, BaseDataLoader):

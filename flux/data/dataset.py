@@ -1,9 +1,10 @@
 """The training dataset: captioned images from a source, sharded by data-parallel rank,
 with a state that torchtitan's checkpoint saves so a resumed run continues exactly.
 
-Indexed sources (`shapes`, `imagefolder`): rank r of W reads samples r, r + W, r + 2W, ...
-of a seeded per-epoch order, and its state is how many it has consumed. Streamed sources
-(`webdataset`, `cc12m-wds`) keep their position in the stream (webdataset.py).
+Indexed sources (`shapes`, `imagefolder`, `precomputed`): rank r of W reads samples r, r + W,
+r + 2W, ... of a seeded per-epoch order, and its state is how many it has consumed. Streamed
+sources (`webdataset`, `cc12m-wds`) keep their position in the stream (webdataset.py).
+`precomputed` (precomputed.py) yields CachedSamples, the encoders' outputs, instead of images.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from torch.utils.data import IterableDataset
 from torchtitan.tools.logging import logger
 
 from flux.data.imagefolder import BadSample, list_images, load_pair
+from flux.data.precomputed import CachedSample, PrecomputedCache
 from flux.data.shapes import shapes_sample
 from flux.data.transforms import image_to_tensor
 from flux.data.webdataset import CC12M_HUB_ID, RecordStream, decode_record, hub_shards, local_shards
 
-SOURCES = ("shapes", "imagefolder", "webdataset", "cc12m-wds")
+SOURCES = ("shapes", "imagefolder", "webdataset", "cc12m-wds", "precomputed")
+PATH_SOURCES = ("imagefolder", "webdataset", "precomputed")  # need dataset_path
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Sample:
 
 
 class CaptionedImages(IterableDataset, Stateful):
-    """Infinite stream of Samples for one data-parallel rank."""
+    """Infinite stream of Samples (CachedSamples for `precomputed`) for one data-parallel rank."""
 
     def __init__(
         self,
@@ -53,12 +56,13 @@ class CaptionedImages(IterableDataset, Stateful):
             raise ValueError(f"unknown dataset {source!r}: choose one of {', '.join(SOURCES)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of {world_size}")
-        if source in ("imagefolder", "webdataset") and path is None:
+        if source in PATH_SOURCES and path is None:
             raise ValueError(f"dataset {source!r} needs dataset_path: the folder of its files")
         self.source, self.img_size, self.seed = source, img_size, seed
         self.rank, self.world_size = rank, world_size
         self.path = Path(path) if path is not None else None
         self.files = list_images(path) if source == "imagefolder" else []  # type: ignore[arg-type]
+        self.cache = PrecomputedCache(path) if source == "precomputed" else None  # type: ignore[arg-type]
         self.stream: RecordStream | None = None
         if source == "webdataset":
             self.stream = local_shards(path, rank, world_size, seed)  # type: ignore[arg-type]
@@ -74,13 +78,37 @@ class CaptionedImages(IterableDataset, Stateful):
         self._reported = (0.0, 0)  # (time, skips) of the last report
 
     # -- indexed sources ------------------------------------------------------------------
+    def size(self) -> int | None:
+        """Samples of an indexed source in one epoch; None for shapes (unbounded) and streams."""
+        if self.cache is not None:
+            return len(self.cache)
+        return len(self.files) if self.files else None
+
+    def key(self, index: int) -> str:
+        """The key of sample `index` of an indexed source."""
+        if self.cache is not None:
+            return f"sample {index} of {self.path}"  # its source key is in the cache
+        return str(self.files[index]) if self.files else str(index)
+
+    def sample(self, index: int) -> Sample | CachedSample:
+        """Sample `index` of an indexed source, in its own (unshuffled) order; raises
+        BadSample or ValueError for an unusable one."""
+        if self.cache is not None:
+            return self.cache[index]
+        if self.files:
+            image, caption = load_pair(self.files[index])
+        else:
+            image, caption = shapes_sample(self.seed, index, self.img_size)
+        return Sample(image_to_tensor(image, self.img_size), caption, self.key(index))
+
     def _source_index(self, position: int) -> int:
         rank, world_size = self._reader
         global_position = rank + position * world_size
-        if self.source == "shapes":
-            return global_position  # unbounded: no epochs
-        epoch, offset = divmod(global_position, len(self.files))
-        order = list(range(len(self.files)))
+        size = self.size()
+        if size is None:
+            return global_position  # shapes, unbounded: no epochs
+        epoch, offset = divmod(global_position, size)
+        order = list(range(size))
         random.Random(self.seed * 7919 + epoch).shuffle(order)
         return order[offset]
 
@@ -88,18 +116,19 @@ class CaptionedImages(IterableDataset, Stateful):
         while True:
             index = self._source_index(self.consumed)
             self.consumed += 1
-            if self.source == "shapes":
-                yield str(index), lambda i=index: shapes_sample(self.seed, i, self.img_size)
-            else:
-                yield str(self.files[index]), lambda i=index: load_pair(self.files[i])
+            yield self.key(index), lambda i=index: self.sample(i)
 
-    def _streamed(self) -> Iterator[tuple[str, Any]]:
+    def _streamed(self, once: bool = False) -> Iterator[tuple[str, Any]]:
         assert self.stream is not None
-        for where, record in self.stream.records():
-            yield where, lambda r=record: decode_record(r)
+        for where, record in self.stream.records(once):
+            yield where, lambda w=where, r=record: self._decoded(w, r)
+
+    def _decoded(self, where: str, record: dict[str, Any]) -> Sample:
+        image, caption = decode_record(record)
+        return Sample(image_to_tensor(image, self.img_size), caption, where)
 
     # -- all sources ----------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[Sample | CachedSample]:
         worker = torch.utils.data.get_worker_info()
         if worker is not None and worker.num_workers > 1 and self.stream is None:
             # Each dataloader worker reads its own share (datasets' streams split
@@ -109,12 +138,19 @@ class CaptionedImages(IterableDataset, Stateful):
                 self.world_size * worker.num_workers,
             )
         self._apply_pending_state()
-        records = self._indexed() if self.stream is None else self._streamed()
+        yield from self._usable(self._indexed() if self.stream is None else self._streamed())
+
+    def one_pass(self) -> Iterator[Sample | CachedSample]:
+        """A streamed source's samples from its current position to the end of the epoch
+        (what precompute reads; indexed sources are read with `sample`)."""
+        yield from self._usable(self._streamed(once=True))
+
+    def _usable(self, records: Iterator[tuple[str, Any]]) -> Iterator[Sample | CachedSample]:
+        """The loaded samples of `records`, bad ones skipped and reported."""
         bad_in_a_row = 0
         for where, load in records:
             try:
-                image, caption = load()
-                tensor = image_to_tensor(image, self.img_size)
+                sample = load()
             except (BadSample, ValueError) as e:
                 self._skip(where, str(e))
                 bad_in_a_row += 1
@@ -124,15 +160,16 @@ class CaptionedImages(IterableDataset, Stateful):
                 continue
             bad_in_a_row = 0
             self._maybe_report()
-            yield Sample(tensor, caption, where)
+            yield sample
 
     def _skip(self, where: str, reason: str) -> None:
         self.skipped[reason.split(":")[0]] += 1
         self.skip_examples.append(f"{where}: {reason}")
 
     def _patience(self) -> int:
-        if self.files:
-            return len(self.files)
+        size = self.size()
+        if size is not None:
+            return size
         return 10_000 if self.stream is not None else 1
 
     def _check_some_sample_is_usable(self, error: Exception) -> None:

@@ -115,12 +115,15 @@ class RecordStream:
         self.epoch = 0
         self._fresh_state = self.stream.state_dict()  # the start of an epoch
 
-    def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(where, record) forever; `where` names the shard and key for skip reports."""
+    def records(self, once: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(where, record) forever, or to the end of the current epoch if once; `where`
+        names the shard and key (skip reports, sample keys)."""
         while True:
             self.stream.set_epoch(self.epoch)
             for record in self.stream:
                 yield f"{Path(str(record.get('__url__'))).name}:{record.get('__key__')}", record
+            if once:
+                return
             self.epoch += 1
             self.stream.load_state_dict(self._fresh_state)
 

@@ -196,15 +196,12 @@ class AutoEncoder(nn.Module):
         """Gaussian moments (B, 2C, h, w) -> scaled, shifted latents (B, C, h, w).
 
         Sampling uses noise if given (standard normal, (B, C, h, w)), else draws it."""
-        mean, logvar = moments.chunk(2, dim=1)
-        z = mean
-        if sample:
-            if noise is None:
-                noise = torch.randn(
-                    mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-                )
-            z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
-        return self.scale_factor * (z - self.shift_factor)
+        if sample and noise is None:
+            b, c2, h, w = moments.shape
+            noise = torch.randn(
+                (b, c2 // 2, h, w), generator=generator, device=moments.device, dtype=moments.dtype
+            )
+        return posterior_latents(moments, self.params, noise if sample else None)
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (B, C, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1]."""
@@ -212,6 +209,17 @@ class AutoEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
+
+
+def posterior_latents(
+    moments: Tensor, params: AutoEncoderParams, noise: Tensor | None = None
+) -> Tensor:
+    """Gaussian moments (B, 2C, h, w) -> scaled, shifted latents (B, C, h, w): the posterior
+    sample mean + std·noise for standard normal noise (B, C, h, w), or the mean if noise is
+    None. Needs no weights, so training on precomputed moments samples with it directly."""
+    mean, logvar = moments.chunk(2, dim=1)
+    z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
+    return params.scale_factor * (z - params.shift_factor)
 
 
 def load_ae(

@@ -6,29 +6,46 @@
     python -m flux.scripts.benchmark data [--source shapes|webdataset --img-size 256
                                            --batch 8 --workers 2 --batches 50]
 
+    python -m flux.scripts.benchmark step [--steps 10 --warmup 3] [--cache DIR | --compare]
+                                          [--json] [trainer arguments]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
 `data`: samples/s of the data loader on one process (for `webdataset`, on shards of
 shapes images it writes to a temporary folder first, or on --path).
+`step`: where the time of one training step of a config goes (trainer arguments, default
+flux/train_configs/debug_model.toml): data loading, text encoding, latent encoding, the
+transformer's forward+backward and the optimizer (clipping and the configured AdamW), the
+mean of --steps steps after --warmup, on one process; images/s, tokens/s, MFU (on a GPU
+torchtitan knows the peak of) and peak memory (CUDA's max allocated; on the CPU the
+process's peak RSS). --cache DIR trains on a precomputed cache; --compare precomputes one
+of the config's data to a temporary folder and runs both, each in a process of its own
+(so each peak RSS is its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import io
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flux.model.args import flux_configs
+from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.sampling import image_ids
 
@@ -41,7 +58,7 @@ def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(args: argparse.Namespace) -> dict[str, float]:
+def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel
 
     head_dim = args.hidden // args.heads
@@ -141,7 +158,7 @@ def _write_shapes_shards(root: Path, shards: int, per_shard: int, img_size: int)
                     tar.addfile(info, io.BytesIO(data))
 
 
-def bench_data(args: argparse.Namespace) -> dict[str, float]:
+def bench_data(args: argparse.Namespace) -> dict[str, Any]:
     from flux.data.dataloader import CaptionedImageLoader
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,6 +185,205 @@ def bench_data(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+A100_PEAK_FLOPS = 312e12  # bf16 dense; get_peak_flops' answer for a GPU it does not know
+PARTS = {
+    "data": "data",
+    "text": "text encoding",
+    "latents": "latent encoding",
+    "fwd_bwd": "fwd+bwd",
+    "optimizer": "optimizer",
+}
+
+
+class Laps:
+    """Wall time of consecutive parts of a step, the device synchronized at each lap."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: dict[str, list[float]] = {name: [] for name in PARTS}
+
+    def start(self) -> None:
+        self._sync()
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self._sync()
+        now = time.perf_counter()
+        self.times[name].append(now - self.last)
+        self.last = now
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_rss_mib() -> float:
+    """This program's peak resident memory. Linux's VmHWM starts afresh at exec; ru_maxrss
+    may include the memory of the process that started this one (it does on Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        kib = next(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux and BSDs
+    return kib / 2**10
+
+
+def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, Any]:
+    """Time the parts of training steps of a config, with or without a cache."""
+    from torchtitan.tools.utils import get_peak_flops
+
+    from flux import build_flux_dataloader
+    from flux.config import check_config, parse_config
+    from flux.flow import PRECOMPUTED, Encoded, FluxPreprocessor, flow_matching_loss
+    from flux.parallelize import DTYPES, apply_activation_checkpointing, apply_compile
+    from flux.sampling import Streams
+
+    job = parse_config(trainer_args)
+    if args.cache is not None:
+        job.training.dataset, job.training.dataset_path = PRECOMPUTED, str(args.cache)
+    job.validation.enable = False  # the training step only: no validation encoders
+    check_config(job, world_size=1)
+    training = job.training
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_args = copy.deepcopy(flux_configs[job.model.flavor])
+    model_args.update_from_config(job)
+    torch.manual_seed(0)
+    model = FluxModel(model_args).to(device)
+    model.init_weights()
+    if job.activation_checkpoint.mode != "none":
+        apply_activation_checkpointing(
+            model, job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option
+        )
+    if job.compile.enable and "model" in job.compile.components:
+        apply_compile(model, job.compile.backend)
+    o = job.optimizer
+    optimizer = getattr(torch.optim, o.name)(
+        model.parameters(),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=o.implementation == "fused",
+        foreach=o.implementation == "foreach",
+    )
+    amp_dtype = DTYPES[training.mixed_precision_param]
+    amp = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    preprocess = FluxPreprocessor(job, model_args, device)
+    batches = iter(build_flux_dataloader(1, 0, None, job))
+
+    laps = Laps(device)
+    for step in range(1, args.warmup + args.steps + 1):
+        if step == args.warmup + 1:
+            laps = Laps(device)  # warmup done: keep only the timed steps
+        laps.start()
+        batch = next(batches)
+        laps.lap("data")
+        streams = Streams.of(training.seed_data, step, batch["keys"], device)
+        txt, y = preprocess.encode_text(batch, preprocess.dropout_prob, streams)
+        laps.lap("text")
+        latents = preprocess.encode_latents(batch, streams)
+        laps.lap("latents")
+        flow = preprocess.sample_flow(Encoded.of(latents, txt, y), streams)
+        with amp:
+            loss = flow_matching_loss(model, flow)
+        loss.backward()
+        laps.lap("fwd_bwd")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        laps.lap("optimizer")
+
+    ms = {name: 1e3 * statistics.mean(t) for name, t in laps.times.items()}
+    ms["step"] = sum(ms.values())
+    batch_size = training.local_batch_size
+    images_per_s = batch_size / (ms["step"] / 1e3)
+    img_tokens = (training.img_size // 16) ** 2
+    txt_tokens = job.encoder.max_t5_encoding_len
+    mfu = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = get_peak_flops(name)
+        if peak != A100_PEAK_FLOPS or "A100" in name:  # torchtitan assumes an A100 if unknown
+            flops = training_flops_per_sample(model_args, img_tokens, txt_tokens)
+            mfu = 100 * flops * images_per_s / peak
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        memory = "max allocated CUDA memory"
+    else:
+        peak_mib = peak_rss_mib()
+        memory = "peak RSS"
+    frozen = [m for m in (preprocess.t5, preprocess.clip, preprocess.autoencoder) if m is not None]
+    frozen_bytes = sum(
+        p.numel() * p.element_size() for m in frozen for p in m.parameters() if not p.is_meta
+    )
+    return {
+        "flavor": job.model.flavor,
+        "dataset": training.dataset,
+        "cache": str(args.cache) if args.cache is not None else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "batch": batch_size,
+        "img_size": training.img_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "ms": ms,
+        "images_per_s": images_per_s,
+        "tokens_per_s": images_per_s * (img_tokens + txt_tokens),
+        "mfu_percent": mfu,
+        "peak_memory_mib": peak_mib,
+        "memory": memory,
+        "frozen_weights_mib": frozen_bytes / 2**20,
+    }
+
+
+def compare_steps(argv: list[str], args: argparse.Namespace, trainer_args: list[str]) -> list:
+    """Precompute a cache of the config's data, then time steps without and with it, each
+    in a process of its own."""
+    from flux.config import parse_config
+    from flux.scripts import precompute
+
+    job = parse_config(trainer_args)
+    samples = (args.warmup + args.steps) * job.training.local_batch_size
+    command = [sys.executable, "-m", "flux.scripts.benchmark"]
+    command += [a for a in argv if a != "--compare"] + ["--json"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = str(Path(tmp) / "cache")
+        precompute.main(["--output", cache, "--num_samples", str(samples), *trainer_args])
+        results = []
+        for extra in ([], ["--cache", cache]):
+            done = subprocess.run(command + extra, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(command + extra)} failed:\n{done.stderr[-3000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def step_table(results: list[dict[str, Any]]) -> str:
+    """The results side by side, one column per run."""
+    first = results[0]
+    lines = [
+        f"training step of {first['flavor']}: batch {first['batch']} at {first['img_size']}px on "
+        f"{first['device']} ({first['threads']} threads), mean of {first['steps']} steps after "
+        f"{first['warmup']} warmup"
+    ]
+    names = ["precomputed" if r["cache"] else r["dataset"] for r in results]
+    rows: list[tuple[str, list[str]]] = [("", names)]
+    for key, label in PARTS.items():
+        rows.append((f"{label} (ms)", [f"{r['ms'][key]:.1f}" for r in results]))
+    rows.append(("step (ms)", [f"{r['ms']['step']:.1f}" for r in results]))
+    rows.append(("images/s", [f"{r['images_per_s']:.1f}" for r in results]))
+    rows.append(("tokens/s", [f"{r['tokens_per_s']:.0f}" for r in results]))
+    rows.append(
+        ("MFU (%)", [f"{r['mfu_percent']:.1f}" if r["mfu_percent"] else "-" for r in results])
+    )
+    memory = f"{first['memory']} (MiB)"
+    rows.append((memory, [f"{r['peak_memory_mib']:.0f}" for r in results]))
+    rows.append(("frozen encoders (MiB)", [f"{r['frozen_weights_mib']:.1f}" for r in results]))
+    width = max(len(label) for label, _ in rows)
+    for label, values in rows:
+        lines.append(label.ljust(width) + "".join(v.rjust(13) for v in values))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,8 +406,41 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--workers", type=int, default=2)
     data.add_argument("--batches", type=int, default=50)
     data.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    step = sub.add_parser(
+        "step",
+        help="where a training step's time goes (other arguments: the trainer's)",
+        description="Other arguments are the trainer's: --job.config_file, --training.*, ...",
+    )
+    step.add_argument("--steps", type=int, default=10, help="timed steps")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--cache", type=Path, default=None, help="a precomputed cache to train on")
+    step.add_argument(
+        "--compare", action="store_true", help="precompute a temporary cache; run both"
+    )
+    step.add_argument("--json", action="store_true", help="print JSON")
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "step":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
+    if args.command == "step":
+        from flux.config import PACKAGE_ROOT, config_file_arg
+
+        if config_file_arg(rest) is None:
+            default = PACKAGE_ROOT / "flux" / "train_configs" / "debug_model.toml"
+            rest = ["--job.config_file", str(default), *rest]
+        if args.compare and args.cache is not None:
+            parser.error("--compare makes its own cache: leave out --cache")
+        if args.compare:
+            results = compare_steps(argv, args, rest)
+        else:
+            results = [bench_step(args, rest)]
+        print(
+            json.dumps(results if args.compare else results[0])
+            if args.json
+            else step_table(results)
+        )
+        return
     if args.command == "data":
         result = bench_data(args)
         print(

@@ -1,0 +1,117 @@
+"""The `precomputed` source and the checks that keep training on a matching cache."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flux.config import ConfigError
+from flux.config import main as check_main
+from flux.data.dataloader import CaptionedImageLoader
+from flux.data.dataset import CaptionedImages
+from flux.data.precomputed import CacheError, PrecomputedCache
+from tests.caches import DEBUG, job, make_cache
+
+SAMPLES = 20
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return make_cache(tmp_path_factory.mktemp("cache"), SAMPLES, "--shard_size", "8")
+
+
+def keys(dataset: CaptionedImages, n: int) -> list[str]:
+    return [sample.key for sample in itertools.islice(iter(dataset), n)]
+
+
+def test_an_epoch_yields_every_cached_sample_once_under_its_source_key(cache) -> None:
+    epoch = keys(CaptionedImages("precomputed", 64, path=cache), SAMPLES)
+    assert sorted(epoch, key=int) == [str(i) for i in range(SAMPLES)]  # shapes' own keys
+    assert epoch != sorted(epoch, key=int)  # a seeded shuffle, as imagefolder's
+    batch = next(iter(CaptionedImageLoader("precomputed", 64, 4, path=cache)))
+    assert batch["t5"].shape == (4, 16, 64) and batch["clip"].shape == (4, 32)
+    assert batch["moments"].shape == (4, 32, 8, 8)
+    assert len(batch["captions"]) == len(batch["keys"]) == 4 and "images" not in batch
+
+
+def test_resume_on_another_world_size_repeats_nothing(cache) -> None:
+    before = [CaptionedImages("precomputed", 64, r, 2, path=cache) for r in range(2)]
+    seen = [k for d in before for k in keys(d, 3)]
+    after = [CaptionedImages("precomputed", 64, r, 3, path=cache) for r in range(3)]
+    for d in after:
+        d.load_state_dict(before[0].state_dict())
+    later = [k for d in after for k in keys(d, 2)]
+    assert len(set(seen + later)) == len(seen + later) == 12
+
+
+def test_an_unfinished_cache_is_not_read(cache, tmp_path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(cache, partial)
+    (partial / "manifest.json").unlink()
+    with pytest.raises(CacheError, match="unfinished cache .* run the same precompute command"):
+        PrecomputedCache(partial)
+    with pytest.raises(CacheError, match="not a precomputed cache"):
+        PrecomputedCache(tmp_path)
+
+
+def other_autoencoder(tmp_path: Path) -> str:
+    weights = load_file(str(job().encoder.autoencoder_path))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(tmp_path / "ae.safetensors"))
+    return str(tmp_path / "ae.safetensors")
+
+
+def test_training_refuses_a_cache_made_with_other_settings_in_one_line(cache, tmp_path) -> None:
+    on_cache = ("--training.dataset", "precomputed", "--training.dataset_path", str(cache))
+    job(*on_cache)  # the settings it was made with pass
+    for args, expected in [
+        (("--encoder.max_t5_encoding_len", "32"), "max_t5_encoding_len 16 (this run: 32)"),
+        (("--training.img_size", "128"), "img_size 64 (this run: 128)"),
+        (("--encoder.t5_encoder", str(tmp_path)), "t5_encoder 't5-debug'"),
+        (("--encoder.encoder_dtype", "bfloat16"), "encoder_dtype 'float32'"),
+        (("--encoder.autoencoder_path", other_autoencoder(tmp_path)), "autoencoder (other"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            job(*on_cache, *args)
+        message = str(error.value)
+        assert "\n" not in message and expected in message, message
+        assert message.startswith(f"training.dataset_path: {cache} was made with other settings")
+        assert "Precompute it again with this config" in message
+
+
+def test_check_prints_a_refused_cache_as_one_line_and_exits_2(cache, capsys) -> None:
+    args = ["--training.dataset", "precomputed", "--training.dataset_path", str(cache)]
+    with pytest.raises(SystemExit) as exit_:
+        check_main(["--job.config_file", DEBUG, *args, "--training.img_size", "32"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "img_size 64 (this run: 32)" in lines[0]
+
+
+def test_precomputed_needs_a_dataset_path_that_is_a_cache(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="needs training.dataset_path"):
+        job("--training.dataset", "precomputed")
+    with pytest.raises(ConfigError, match="not a precomputed cache"):
+        job("--training.dataset", "precomputed", "--training.dataset_path", str(tmp_path))
+
+
+def test_the_manifest_records_the_settings_and_the_source(cache) -> None:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["samples"] == SAMPLES and manifest["skipped"] == 0
+    assert [s["samples"] for s in manifest["shards"]] == [8, 8, 4]
+    assert manifest["source"] == {
+        "dataset": "shapes",
+        "dataset_path": None,
+        "seed": 0,
+        "split": "training",
+    }
+    assert manifest["settings"]["max_t5_encoding_len"] == 16
+    assert manifest["texts"][0] == ""
+    assert PrecomputedCache(cache)[SAMPLES - 1].t5.dtype == torch.float32

@@ -1,0 +1,26 @@
+"""flux.scripts.benchmark step: the parts of a training step, with and without a cache."""
+
+from __future__ import annotations
+
+import json
+
+from flux.scripts.benchmark import PARTS, main, step_table
+from tests.caches import make_cache
+
+
+def test_step_times_each_part_with_and_without_a_cache(tmp_path, capsys) -> None:
+    cache = make_cache(tmp_path / "cache", 4)
+    results = []
+    for extra in ([], ["--cache", str(cache)]):
+        args = ["step", "--steps", "2", "--warmup", "1", "--json", *extra]
+        main([*args, "--training.local_batch_size", "2"])
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    online, cached = results
+    for result in results:
+        assert set(result["ms"]) == {*PARTS, "step"} and all(result["ms"].values())
+        assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0
+        assert result["mfu_percent"] is None  # no GPU: no peak FLOPs to compare with
+    assert (online["dataset"], cached["dataset"]) == ("shapes", "precomputed")
+    assert cached["frozen_weights_mib"] == 0 < online["frozen_weights_mib"]
+    table = step_table(results)
+    assert "precomputed" in table and "latent encoding (ms)" in table

@@ -1,0 +1,165 @@
+"""flux.scripts.precompute: every sample once, across interruptions and processes; and a
+training run on what it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flux.data import precomputed
+from flux.data.precomputed import shard_metadata
+from flux.data.shapes import shape_spec
+from tests.caches import make_cache
+from tests.data.test_webdataset import make_shards
+from tests.launch import ROOT, run_train
+
+
+def cached_keys(root: Path) -> list[str]:
+    """The keys of a finished cache, in its order, checked against their captions."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    keys = []
+    for shard in manifest["shards"]:
+        meta = shard_metadata(root / shard["file"])
+        assert len(meta["keys"]) == len(meta["captions"]) == shard["samples"]
+        keys += meta["keys"]
+        if manifest["source"]["dataset"] == "shapes":
+            assert meta["captions"] == [shape_spec(0, int(k)).caption for k in meta["keys"]]
+    assert manifest["samples"] == len(keys)
+    return keys
+
+
+def interrupt_after(monkeypatch, shards: int) -> None:
+    """Stop the job (as a kill would) once `shards` shards are published, with the next
+    one written under its temporary name but not yet renamed."""
+    publish, done = precomputed._publish, list[Path]()
+
+    def publish_or_stop(tmp: Path, path: Path) -> None:
+        if path.name.startswith("shard-"):
+            if len(done) == shards:
+                raise KeyboardInterrupt
+            done.append(path)
+        publish(tmp, path)
+
+    monkeypatch.setattr(precomputed, "_publish", publish_or_stop)
+
+
+def test_an_interrupted_precompute_resumes_losing_and_repeating_nothing(
+    tmp_path, monkeypatch
+) -> None:
+    root, args = tmp_path / "cache", ("--shard_size", "7", "--batch_size", "4")
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        make_cache(root, 30, *args)
+    kept = {p.name: p.stat().st_mtime_ns for p in root.glob("shard-*.safetensors")}
+    assert sorted(kept) == ["shard-000000.safetensors", "shard-000001.safetensors"]
+    assert list(root.glob("shard-000002.safetensors.tmp*"))  # the shard it was writing
+    assert not (root / "manifest.json").exists()
+
+    monkeypatch.undo()
+    for rank in (0, 1):  # restarted as two processes: indexed shards go to any number
+        make_cache(root, 30, *args, "--rank", str(rank), "--world_size", "2")
+    keys = cached_keys(root)
+    assert sorted(keys, key=int) == [str(i) for i in range(30)]
+    assert {name: (root / name).stat().st_mtime_ns for name in kept} == kept
+
+
+def test_two_processes_precompute_every_sample_once(tmp_path) -> None:
+    root = tmp_path / "cache"
+    command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(root)]
+    command += ["--num_samples", "24", "--shard_size", "5", "--workers", "0"]
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "process 0 of 2 wrote 3 shards" in outputs[0]
+    assert "process 1 of 2 wrote 2 shards" in outputs[1]
+    assert sorted(cached_keys(root), key=int) == [str(i) for i in range(24)]
+
+
+def test_a_stream_is_precomputed_once_across_processes_and_an_interruption(
+    tmp_path, monkeypatch
+) -> None:
+    data = make_shards(tmp_path / "tars", 3, 6)
+    root = tmp_path / "cache"
+    args = (
+        *("--training.dataset", "webdataset", "--training.dataset_path", str(data)),
+        *("--shard_size", "4", "--world_size", "2"),
+    )
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        make_cache(root, 100, *args, "--rank", "0")
+    monkeypatch.undo()
+    make_cache(root, 100, *args, "--rank", "1")
+    assert not (root / "manifest.json").exists()  # process 0 has not finished
+    make_cache(root, 100, *args, "--rank", "0")
+    keys = cached_keys(root)
+    expected = [f"shard-{s:03d}.tar:{i:05d}" for s in range(3) for i in range(6 * s, 6 * s + 6)]
+    assert sorted(keys) == expected
+
+
+def test_a_restart_with_other_settings_is_refused(tmp_path, capsys) -> None:
+    root = make_cache(tmp_path / "cache", 6)
+    with pytest.raises(SystemExit):
+        make_cache(root, 6, "--encoder.max_t5_encoding_len", "32")
+    errors = [line for line in capsys.readouterr().err.splitlines() if "flux: error:" in line]
+    assert len(errors) == 1 and "started with other settings" in errors[0], errors
+
+
+TRAIN = ("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4")
+VALIDATE = (
+    *("--validation.enable", "--validation.freq", "2", "--validation.steps", "1"),
+    *("--validation.local_batch_size", "2", "--validation.sampling_steps", "2"),
+)
+CHECKPOINT = ("--checkpoint.enable", "--checkpoint.interval", "2")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run of the debug config on a cache of shapes, validating on it too."""
+    cache = make_cache(tmp_path_factory.mktemp("cache"), 40, "--shard_size", "16")
+    on_cache = (
+        *("--training.dataset", "precomputed", "--training.dataset_path", str(cache)),
+        *("--validation.dataset", "precomputed", "--validation.dataset_path", str(cache)),
+    )
+    dump = tmp_path_factory.mktemp("run")
+    args = (*TRAIN, *VALIDATE, *CHECKPOINT, *on_cache)
+    return run_train(dump, *args), dump, args
+
+
+def test_training_on_a_cache_runs_and_validates_without_the_encoders(trained) -> None:
+    run, dump, _ = trained
+    assert run.returncode == 0, run.output[-3000:]
+    assert "precomputed data: frozen parts built: autoencoder decoder" in run.output
+    assert sorted(run.losses) == [1, 2, 3, 4]
+    assert all(math.isfinite(v) and v > 0 for v in run.losses.values())
+    assert sorted(run.validation_losses) == [1, 2, 4]
+    assert (dump / "validation" / "step_000004.png").is_file()
+
+
+def test_training_on_a_cache_resumes_with_the_same_losses(trained, tmp_path) -> None:
+    reference, dump, args = trained
+    assert reference.returncode == 0, reference.output[-3000:]
+    (tmp_path / "checkpoint").mkdir()
+    shutil.copytree(dump / "checkpoint" / "step-2", tmp_path / "checkpoint" / "step-2")
+    run = run_train(tmp_path, *args)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "Training starts at step 3" in run.output
+    assert {s: run.losses[s] for s in (3, 4)} == pytest.approx(
+        {s: reference.losses[s] for s in (3, 4)}, rel=1e-5
+    )
