@@ -256,6 +256,11 @@ def check_config(
     for key, size in sizes:
         if size < 16 or size % 16:
             raise ConfigError(f"{key} = {size}: use a positive multiple of 16")
+    if training.max_nonfinite_steps < 1:
+        raise ConfigError(
+            f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
+            "(the non-finite steps in a row that stop the run)"
+        )
     if parallelism:
         check_parallel_degrees(job_config.parallelism, world_size)
 

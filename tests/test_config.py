@@ -63,6 +63,10 @@ def test_image_size_must_be_a_multiple_of_16() -> None:
     assert "multiple of 16" in refused("--training.img_size", "72")
 
 
+def test_max_nonfinite_steps_must_be_at_least_one() -> None:
+    assert "use 1 or more" in refused("--training.max_nonfinite_steps", "0")
+
+
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "job.toml"
     path.write_text(text)

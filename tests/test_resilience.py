@@ -149,3 +149,36 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
     assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
     assert "was written by another model" in lines[0] and "model.flavor" in lines[0]
     assert "step:" not in run.output  # refused before any step
+
+
+def test_a_non_finite_step_changes_no_weight_and_training_goes_on(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from flux.data.dataset import CaptionedImages
+    from flux.data.precomputed import shard_metadata, write_shard
+    from tests.caches import make_cache
+
+    # One sample of a cache made NaN: the step that reads it (step 3 of batches of 4 in the
+    # source's shuffled order) gets a NaN loss; the validation loss, measured after every
+    # step on clean held-out data, must not move across that step and must move across others.
+    cache = make_cache(tmp_path / "cache", 20, "--shard_size", "20")
+    order = [s.key for s, _ in zip(CaptionedImages("precomputed", 64, path=cache), range(9))]
+    shard = cache / "shard-000000.safetensors"
+    meta, tensors = shard_metadata(shard), load_file(str(shard))
+    tensors["moments"][meta["keys"].index(order[8])] = float("nan")
+    write_shard(shard, tensors, meta)
+
+    args = (
+        *("--debug.seed", "0", "--training.steps", "5", "--training.local_batch_size", "4"),
+        *("--training.dataset", "precomputed", "--training.dataset_path", str(cache)),
+        *("--lr_scheduler.warmup_steps", "1", "--training.max_nonfinite_steps", "2"),
+        *("--validation.freq", "1", "--validation.steps", "1", "--validation.sampling_steps", "1"),
+    )
+    run = run_train(tmp_path / "run", *args)
+    assert run.returncode == 0, run.output[-3000:]
+    assert "step 3: loss nan / gradient norm nan not finite" in run.output
+    assert [s for s, v in run.losses.items() if not math.isfinite(v)] == [3]
+    val = run.validation_losses
+    assert sorted(val) == [1, 2, 3, 4, 5] and all(math.isfinite(v) for v in val.values())
+    assert val[3] == val[2]  # step 3 was not applied
+    assert val[2] != val[1] and val[4] != val[3] and val[5] != val[4]  # the others were
