@@ -181,6 +181,20 @@ def check_parallel_degrees(p: Any, world_size: int) -> None:
         )
 
 
+def check_model_parallelism(p: Any, args: Any) -> None:
+    """What this model can be split into: heads across tensor-parallel ranks; no context
+    or pipeline parallelism (not built)."""
+    for name in ("context_parallel_degree", "pipeline_parallel_degree"):
+        if getattr(p, name) > 1:
+            raise ConfigError(f"parallelism.{name} > 1 is not supported for flux yet: set it to 1")
+    tp = p.tensor_parallel_degree
+    if args.num_heads % tp:
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {tp} does not divide this flavor's "
+            f"{args.num_heads} attention heads: use a divisor of {args.num_heads}"
+        )
+
+
 def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
     """What a precomputed cache of this job's data, at img_size, is made with (precompute
     records it; training compares it). The autoencoder is named by its weights' hash."""
@@ -263,6 +277,13 @@ def check_config(
         )
     if parallelism:
         check_parallel_degrees(job_config.parallelism, world_size)
+        check_model_parallelism(job_config.parallelism, flux_configs[flavor])
+        quantized = [c for c in job_config.model.converters if c.startswith("quantize.linear")]
+        if quantized and job_config.parallelism.tensor_parallel_degree > 1:
+            raise ConfigError(
+                f"model.converters {', '.join(quantized)} with tensor parallelism is not "
+                "supported for flux yet: use one or the other"
+            )
 
     encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
     if not Path(encoder.autoencoder_path).is_file():

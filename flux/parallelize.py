@@ -1,8 +1,10 @@
-"""parallelize_flux: activation checkpointing, torch.compile and FSDP/HSDP for FluxModel.
+"""parallelize_flux: tensor parallelism, activation checkpointing, torch.compile and
+FSDP/HSDP for FluxModel.
 
-Applied from outside the model, in one order: activation checkpointing, compile, then
-FSDP/HSDP. The plan is data: every double- and single-stream block is one FSDP unit (and
-one checkpointing/compile unit); the embedders and the final layer go with the root.
+Applied from outside the model, in one order: tensor parallelism (tensor_parallel.py),
+activation checkpointing, compile, then FSDP/HSDP. The plan is data: every double- and
+single-stream block is one FSDP unit (and one checkpointing/compile unit); the embedders
+and the final layer go with the root.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
 from flux.model.model import FluxModel
+from flux.tensor_parallel import apply_tensor_parallel, strided_on_dim0
 
 BLOCK_LISTS = ("double_blocks", "single_blocks")  # the units of AC, compile and FSDP
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,6 +80,8 @@ def apply_fsdp(
     }
     if cpu_offload:
         config["offload_policy"] = CPUOffloadPolicy()
+    # Matrices tensor parallelism split in strided pieces of rows are sharded by column.
+    config["shard_placement_fn"] = lambda p: Shard(1) if strided_on_dim0(p) else None
     for _, _, block in _blocks(model):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **config)
     # The root's parameters are needed again first in backward: keep them gathered.
@@ -87,13 +93,14 @@ def parallelize_flux(
 ) -> nn.Module:
     """The TrainSpec's parallelize_fn."""
     for name, enabled in (
-        ("tensor_parallel_degree", parallel_dims.tp_enabled),
         ("context_parallel_degree", parallel_dims.cp_enabled),
         ("pipeline_parallel_degree", parallel_dims.pp_enabled),
     ):
         if enabled:
             raise ValueError(f"parallelism.{name} > 1 is not supported for flux yet: set it to 1")
 
+    if parallel_dims.tp_enabled:
+        apply_tensor_parallel(model, parallel_dims.get_mesh("tp"))
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
         apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)

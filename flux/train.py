@@ -44,6 +44,7 @@ from flux.resilience import (
     write_requeue_file,
 )
 from flux.sampling import Streams
+from flux.tensor_parallel import keep_checkpoint_layout
 from flux.validate import FluxValidator
 
 
@@ -61,6 +62,8 @@ class FluxTrainer(Trainer):
         self.preprocess = FluxPreprocessor(job_config, self.model_args, self.device)
         install_load_hooks(self.checkpointer, self.dataloader)
         install_save_gate(self.checkpointer, self.save_now)
+        if self.parallel_dims.tp_enabled:
+            keep_checkpoint_layout(self.checkpointer, self.optimizers)
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.images_since_log = 0

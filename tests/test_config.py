@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from flux.config import ConfigError, check_config, parse_config, resolve_path
+from flux.model.args import flux_configs
 from tests.launch import ROOT, run_train
 
 DEBUG = str(ROOT / "flux" / "train_configs" / "debug_model.toml")
@@ -52,6 +53,23 @@ def test_unknown_dataset() -> None:
 def test_degrees_that_do_not_fit_the_world_size(args: tuple[str, ...], world_size: int) -> None:
     message = refused(*args, world_size=world_size)
     assert "number of processes" in message
+
+
+def test_tensor_parallel_degree_must_divide_the_heads() -> None:
+    heads = flux_configs["flux-debug"].num_heads
+    message = refused("--parallelism.tensor_parallel_degree", "3", world_size=3)
+    assert f"does not divide this flavor's {heads} attention heads" in message
+
+
+def test_context_parallelism_is_refused_until_it_is_built() -> None:
+    message = refused("--parallelism.context_parallel_degree", "2", world_size=2)
+    assert "context_parallel_degree > 1 is not supported" in message
+
+
+def test_float8_with_tensor_parallelism_is_refused() -> None:
+    args = ("--model.converters", "quantize.linear.float8")
+    message = refused(*args, "--parallelism.tensor_parallel_degree", "2", world_size=2)
+    assert "quantize.linear.float8 with tensor parallelism is not supported" in message
 
 
 def test_missing_autoencoder_says_how_to_download_it(tmp_path) -> None:

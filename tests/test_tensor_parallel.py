@@ -1,0 +1,73 @@
+"""Tensor parallelism: the same loss and gradients as one process, alone and with FSDP, and
+checkpoints that move between TP, FSDP and one process. CPU processes on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.launch import ROOT, run_train
+
+FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
+
+
+def worker(tmp_path: Path, nproc: int, tp: int, *extra: str) -> dict:
+    out = tmp_path / "out.json"
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+        *("-m", "tests.tp_worker", str(out), str(tp), str(tmp_path), *extra),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "nproc, extra", [(2, ()), (4, ()), (4, ("compile",))], ids=["tp2", "tp2-fsdp2", "compiled"]
+)
+def test_tensor_parallel_gives_one_process_loss_gradients_and_checkpoints(
+    tmp_path, nproc: int, extra: tuple[str, ...]
+) -> None:
+    result = worker(tmp_path, nproc, 2, *extra)
+    assert result["linear1_local_rows"] == (3 * 64 + 256) // 2  # each rank holds half
+    assert result["loss"] <= FP32 * result["loss_value"]
+    assert result["grads"] <= 1e-6
+    assert result["saved"] == 0.0  # the checkpoint holds the global tensors, exactly
+    assert result["loaded"] == 0.0 and result["loaded_layout_kept"]
+    assert result["loss_after_load"] <= 1e-6
+
+
+ARGS = (
+    *("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4"),
+    *("--validation.freq", "2", "--validation.steps", "1", "--validation.sampling_steps", "2"),
+    *("--checkpoint.enable", "--checkpoint.interval", "2"),
+)
+TP2 = ("--parallelism.tensor_parallel_degree", "2")
+
+
+def test_training_with_tp_follows_one_process_and_resumes_under_fsdp(tmp_path) -> None:
+    single = run_train(tmp_path / "single", *ARGS)
+    tp = run_train(tmp_path / "tp", *ARGS, *TP2, nproc=2)
+    for run in (single, tp):
+        assert run.returncode == 0, run.output[-3000:]
+    assert sorted(tp.losses) == [1, 2, 3, 4]
+    assert tp.losses == pytest.approx(single.losses, rel=1e-5)
+    assert tp.validation_losses == pytest.approx(single.validation_losses, rel=1e-4)
+
+    # The TP run's step-2 checkpoint, resumed with FSDP over 2 processes (the same global
+    # batch: each takes 2 of its 4 samples).
+    dump = tmp_path / "fsdp"
+    shutil.copytree(tmp_path / "tp" / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
+    fsdp = run_train(dump, *ARGS, "--training.local_batch_size", "2", nproc=2)
+    assert fsdp.returncode == 0, fsdp.output[-3000:]
+    assert "Training starts at step 3" in fsdp.output
+    assert {s: fsdp.losses[s] for s in (3, 4)} == pytest.approx(
+        {s: tp.losses[s] for s in (3, 4)}, rel=1e-5
+    )

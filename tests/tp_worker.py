@@ -1,0 +1,150 @@
+"""One rank of a tensor-parallel check, run by tests/test_tensor_parallel.py under torchrun:
+
+    torchrun --nproc_per_node N -m tests.tp_worker OUT.json TP CHECKPOINT_DIR [compile]
+
+The debug model parallelized with TP (and FSDP over the other N / TP ranks), against the
+same model on one process in this one: loss and gradients on the same batch (each
+data-parallel rank takes its share), then checkpoints both ways through torchtitan's
+ModelWrapper and DCP. With `compile`, every block is compiled (aot_eager: no C++ compiler
+needed) between TP and FSDP, as parallelize_flux does. Rank 0 writes the largest
+differences to OUT.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torchtitan.components.checkpoint import ModelWrapper
+
+from flux.model.args import flux_configs
+from flux.model.model import FluxModel
+from flux.parallelize import apply_compile, apply_fsdp
+from flux.sampling import image_ids, text_ids
+from flux.tensor_parallel import apply_tensor_parallel, plain_layout
+
+BATCH, IMG_TOKENS, TXT_TOKENS = 4, 16, 8
+
+
+def model_and_batch() -> tuple[FluxModel, dict[str, torch.Tensor]]:
+    """The debug model with every weight random (modulations included), and a batch."""
+    args = flux_configs["flux-debug"]
+    torch.manual_seed(0)
+    model = FluxModel(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "img": torch.randn(BATCH, IMG_TOKENS, args.in_channels, generator=g),
+        "img_ids": image_ids(BATCH, 8, 8, "cpu"),  # latent 8 × 8: 16 patches
+        "txt": torch.randn(BATCH, TXT_TOKENS, args.context_in_dim, generator=g),
+        "txt_ids": text_ids(BATCH, TXT_TOKENS, "cpu"),
+        "timesteps": torch.rand(BATCH, generator=g),
+        "y": torch.randn(BATCH, args.vec_in_dim, generator=g),
+    }
+    if args.guidance_embed:
+        batch["guidance"] = torch.full((BATCH,), 3.5)
+    return model, batch
+
+
+def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).pow(2).mean()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters by their FluxModel names (compiled blocks add `_orig_mod.`)."""
+    return {n.replace("_orig_mod.", ""): p for n, p in model.named_parameters()}
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max((full(a[k]) - full(b[k])).abs().max().item() for k in a)
+
+
+def main() -> None:
+    out, tp, folder = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    compiled = sys.argv[4:] == ["compile"]
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = world // tp
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("fsdp", "tp"))
+
+    reference, batch = model_and_batch()
+    parallel = copy.deepcopy(reference)
+    apply_tensor_parallel(parallel, mesh["tp"])
+    if compiled:
+        apply_compile(parallel, "aot_eager")
+    if dp > 1:
+        apply_fsdp(parallel, mesh["fsdp"], torch.float32, torch.float32, False, True)
+
+    placements = [p.placements for p in parallel.parameters()]
+    ref_loss = loss_of(reference, batch)
+    ref_loss.backward()
+    share = BATCH // dp
+    dp_rank = mesh["fsdp"].get_local_rank()
+    local = {k: v[dp_rank * share : (dp_rank + 1) * share] for k, v in batch.items()}
+    loss = loss_of(parallel, local)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world  # every TP rank holds the loss of its data-parallel share
+
+    ref_grads = {n: p.grad for n, p in named(reference).items()}
+    grads = {n: p.grad for n, p in named(parallel).items()}
+    local_weight = named(parallel)["single_blocks.0.linear1.weight"].to_local()
+    result = {
+        "loss": abs(mean_loss.item() - ref_loss.item()),
+        "loss_value": ref_loss.item(),
+        "grads": max_difference(grads, ref_grads),
+        "linear1_local_rows": local_weight.shape[0],
+    }
+
+    # Checkpoints as the trainer's checkpointer makes them: its model state dict is made
+    # once, at the start, and holds the live parameters; DCP gets plain copies.
+    wrapper = ModelWrapper(parallel)
+    with torch.no_grad():
+        for model in (parallel, reference):
+            for p in model.parameters():
+                p.add_(0.01)  # as an optimizer step would, after the wrapper was made
+    dcp.save(plain_layout(wrapper.state_dict()), checkpoint_id=str(folder / "parallel"))
+    plain = FluxModel(flux_configs["flux-debug"])
+    state = plain.state_dict()
+    dcp.load(state, checkpoint_id=str(folder / "parallel"))
+    result["saved"] = max_difference(state, reference.state_dict())
+    # ... and a single process's checkpoint loads into the parallel layout.
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01)
+    dcp.save(reference.state_dict(), checkpoint_id=str(folder / "single"))
+    state = plain_layout(wrapper.state_dict())
+    dcp.load(state, checkpoint_id=str(folder / "single"))
+    wrapper.load_state_dict(state)
+    parameters = named(parallel)
+    result["loaded"] = max_difference(parameters, named(reference))
+    result["loaded_layout_kept"] = all(
+        p.placements == before for p, before in zip(parameters.values(), placements)
+    )
+    loss_after = loss_of(parallel, local).detach()
+    dist.all_reduce(loss_after)
+    ref_after = loss_of(reference, batch).item()
+    result["loss_after_load"] = abs(loss_after.item() / world - ref_after) / ref_after
+
+    if rank == 0:
+        out.write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
