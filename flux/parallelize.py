@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
@@ -124,7 +124,50 @@ def parallelize_flux(
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward=policy != "never",
         )
+    init_on_cpu_as_one_process(model)
     return model
+
+
+def init_on_cpu_as_one_process(model: FluxModel) -> None:
+    """Make init_weights of a distributed model on the CPU give every layout the weights
+    one process would start from.
+
+    On the CPU, DTensor draws every rank's shard from the same generator state, so the
+    shards of a freshly initialized matrix would repeat each other. Instead a plain copy
+    (built on meta, as torchtitan builds the model, so the generator is at the same state)
+    is initialized and each rank keeps its part. On GPUs DTensor's own random-number
+    tracker gives each shard its numbers, and init_weights runs as it is."""
+    original = model.init_weights
+
+    @torch.no_grad()
+    def init_weights(buffer_device: torch.device | None = None) -> None:
+        params = dict(_named_parameters(model))
+        if not any(isinstance(p, DTensor) and p.device.type == "cpu" for p in params.values()):
+            original(buffer_device)
+            return
+        with torch.device("meta"):
+            plain = FluxModel(model.args)
+        plain.to_empty(device="cpu")
+        plain.init_weights()
+        for name, full in plain.named_parameters():
+            param = params[name]
+            if isinstance(param, DTensor):
+                part = distribute_tensor(
+                    full, param.device_mesh, param.placements, src_data_rank=None
+                )
+                param.to_local().copy_(part.to_local())
+            else:
+                param.copy_(full)
+
+    model.init_weights = init_weights  # type: ignore[method-assign]
+
+
+def _named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters by their FluxModel names (without the wrappers' prefixes)."""
+    for name, param in model.named_parameters():
+        for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+            name = name.replace(wrapper, "")
+        yield name, param
 
 
 @contextmanager

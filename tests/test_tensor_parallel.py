@@ -42,6 +42,7 @@ def test_tensor_parallel_gives_one_process_loss_gradients_and_checkpoints(
     assert result["saved"] == 0.0  # the checkpoint holds the global tensors, exactly
     assert result["loaded"] == 0.0 and result["loaded_layout_kept"]
     assert result["loss_after_load"] <= 1e-6
+    assert result["init"] == 0.0  # a fresh model starts from one process's weights
 
 
 ARGS = (

@@ -26,7 +26,7 @@ from torchtitan.components.checkpoint import ModelWrapper
 
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallelize import apply_compile, apply_fsdp
+from flux.parallelize import apply_compile, apply_fsdp, init_on_cpu_as_one_process
 from flux.sampling import image_ids, text_ids
 from flux.tensor_parallel import apply_tensor_parallel, plain_layout
 
@@ -140,6 +140,24 @@ def main() -> None:
     dist.all_reduce(loss_after)
     ref_after = loss_of(reference, batch).item()
     result["loss_after_load"] = abs(loss_after.item() / world - ref_after) / ref_after
+
+    # A model built on meta and initialized after it is distributed, as torchtitan does,
+    # starts from the weights one process would.
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        fresh = FluxModel(flux_configs["flux-debug"])
+    apply_tensor_parallel(fresh, mesh["tp"])
+    if dp > 1:
+        apply_fsdp(fresh, mesh["fsdp"], torch.float32, torch.float32, False, True)
+    init_on_cpu_as_one_process(fresh)
+    fresh.to_empty(device="cpu")
+    fresh.init_weights()
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        one = FluxModel(flux_configs["flux-debug"])
+    one.to_empty(device="cpu")
+    one.init_weights()
+    result["init"] = max_difference(named(fresh), named(one))
 
     if rank == 0:
         out.write_text(json.dumps(result))
