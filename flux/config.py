@@ -182,11 +182,12 @@ def check_parallel_degrees(p: Any, world_size: int) -> None:
 
 
 def check_model_parallelism(p: Any, args: Any) -> None:
-    """What this model can be split into: heads across tensor-parallel ranks; no context
-    or pipeline parallelism (not built)."""
-    for name in ("context_parallel_degree", "pipeline_parallel_degree"):
-        if getattr(p, name) > 1:
-            raise ConfigError(f"parallelism.{name} > 1 is not supported for flux yet: set it to 1")
+    """What this model can be split into: heads across tensor-parallel ranks (no pipeline
+    parallelism); context parallelism's token counts are checked in check_config."""
+    if p.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_degree > 1 is not supported for flux: set it to 1"
+        )
     tp = p.tensor_parallel_degree
     if args.num_heads % tp:
         raise ConfigError(
@@ -298,6 +299,19 @@ def check_config(
     patch = 16  # 8× autoencoder downsampling, then 2×2 patches
     img_tokens = (training.img_size // patch) ** 2
     training.seq_len = img_tokens + encoder.max_t5_encoding_len
+    cp = job_config.parallelism.context_parallel_degree
+    for what, tokens in (
+        (f"training.img_size {training.img_size} gives {img_tokens} image tokens", img_tokens),
+        (
+            f"encoder.max_t5_encoding_len is {encoder.max_t5_encoding_len}",
+            encoder.max_t5_encoding_len,
+        ),
+    ):
+        if parallelism and tokens % cp:
+            raise ConfigError(
+                f"{what}, which do not split into parallelism.context_parallel_degree = {cp} "
+                "equal parts: make the token count a multiple of it"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
-"""parallelize_flux: tensor parallelism, activation checkpointing, torch.compile and
-FSDP/HSDP for FluxModel.
+"""parallelize_flux: tensor and context parallelism, activation checkpointing,
+torch.compile and FSDP/HSDP for FluxModel.
 
 Applied from outside the model, in one order: tensor parallelism (tensor_parallel.py),
-activation checkpointing, compile, then FSDP/HSDP. The plan is data: every double- and
+context parallelism (context_parallel.py), activation checkpointing, compile, then
+FSDP/HSDP (over dp_shard × cp, as torchtitan's fsdp mesh is). The plan is data: every double- and
 single-stream block is one FSDP unit (and one checkpointing/compile unit); the embedders
 and the final layer go with the root.
 """
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
+from flux.context_parallel import apply_context_parallel
 from flux.model.model import FluxModel
 from flux.tensor_parallel import apply_tensor_parallel, strided_on_dim0
 
@@ -92,15 +94,13 @@ def parallelize_flux(
     model: FluxModel, parallel_dims: ParallelDims, job_config: JobConfig
 ) -> nn.Module:
     """The TrainSpec's parallelize_fn."""
-    for name, enabled in (
-        ("context_parallel_degree", parallel_dims.cp_enabled),
-        ("pipeline_parallel_degree", parallel_dims.pp_enabled),
-    ):
-        if enabled:
-            raise ValueError(f"parallelism.{name} > 1 is not supported for flux yet: set it to 1")
+    if parallel_dims.pp_enabled:
+        raise ValueError("parallelism.pipeline_parallel_degree > 1 is not supported for flux")
 
     if parallel_dims.tp_enabled:
         apply_tensor_parallel(model, parallel_dims.get_mesh("tp"))
+    if parallel_dims.cp_enabled:
+        apply_context_parallel(model, parallel_dims.get_mesh("cp"))
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
         apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)

@@ -32,6 +32,7 @@ from torchtitan.train import Trainer
 
 from flux.checkpoint import CheckpointError, install_load_hooks, install_save_gate, wait_for_save
 from flux.config import ConfigError, check_config, parse_config
+from flux.context_parallel import shard_sequence
 from flux.device import use_cpu_if_no_accelerator
 from flux.flow import FlowBatch, FluxPreprocessor, flow_matching_loss
 from flux.resilience import (
@@ -94,10 +95,17 @@ class FluxTrainer(Trainer):
             yield batch
 
     def flow_batch(self, batch: dict[str, Any]) -> FlowBatch:
+        """The micro-batch the model sees; with context parallelism, this rank's tokens."""
         streams = Streams.of(
             self.job_config.training.seed_data, self.step, batch["keys"], self.device
         )
-        return self.preprocess(batch, streams)
+        flow = self.preprocess(batch, streams)
+        if self.parallel_dims.cp_enabled:
+            cp = self.parallel_dims.get_mesh("cp")
+            flow = FlowBatch(
+                *shard_sequence(flow.inputs, flow.target, cp.get_local_rank(), cp.size())
+            )
+        return flow
 
     def save_now(self) -> bool | None:
         """Overrides the checkpoint interval: never while the latest step was not applied,
@@ -157,8 +165,8 @@ class FluxTrainer(Trainer):
         return loss, grad_norm
 
     def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float) -> None:
-        if self.parallel_dims.dp_enabled:
-            mesh = self.parallel_dims.get_mesh("batch")
+        if self.parallel_dims.dp_enabled or self.parallel_dims.cp_enabled:
+            mesh = self.parallel_dims.get_mesh("loss")  # batch × cp: each holds a mean
             avg_loss = dist_utils.dist_mean(loss, mesh)
             max_loss = dist_utils.dist_max(loss, mesh)
         else:

@@ -9,7 +9,9 @@ guidance from fixed noise, saved by rank 0 as <dump_folder>/validation/step_<N>.
 with each prompt under its image.
 
 Both run forward only, inside parallelize.forward_only, so FSDP units are resharded after
-and a checkpoint saved right after validation sees the usual sharded parameters.
+and a checkpoint saved right after validation sees the usual sharded parameters; and on
+whole sequences, inside context_parallel.whole_sequence (every rank of a context-parallel
+group computes the same).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 
+from flux.context_parallel import whole_sequence
 from flux.data.dataloader import CaptionedImageLoader
 from flux.flow import FluxPreprocessor, flow_matching_loss
 from flux.generate import SampleSettings, generate, image_grid
@@ -96,7 +99,7 @@ class FluxValidator(BaseValidator):
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
         model = model_parts[0]
         model.eval()
-        with forward_only(model):
+        with forward_only(model), whole_sequence(model):
             losses = self.loss(model)
             images = self.sample(model)
         model.train()

@@ -61,9 +61,10 @@ def test_tensor_parallel_degree_must_divide_the_heads() -> None:
     assert f"does not divide this flavor's {heads} attention heads" in message
 
 
-def test_context_parallelism_is_refused_until_it_is_built() -> None:
-    message = refused("--parallelism.context_parallel_degree", "2", world_size=2)
-    assert "context_parallel_degree > 1 is not supported" in message
+def test_context_parallel_degree_must_split_the_tokens_evenly() -> None:
+    message = refused("--parallelism.context_parallel_degree", "3", world_size=3)
+    assert "16 image tokens, which do not split into" in message
+    check_config(config("--parallelism.context_parallel_degree", "2"), 2)
 
 
 def test_float8_with_tensor_parallelism_is_refused() -> None:

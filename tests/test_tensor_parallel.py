@@ -1,5 +1,6 @@
-"""Tensor parallelism: the same loss and gradients as one process, alone and with FSDP, and
-checkpoints that move between TP, FSDP and one process. CPU processes on gloo."""
+"""Tensor and context parallelism: the same loss and gradients as one process, alone, with
+each other and with FSDP, and checkpoints that move between TP, FSDP and one process.
+CPU processes on gloo."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from tests.launch import ROOT, run_train
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
 
-def worker(tmp_path: Path, nproc: int, tp: int, *extra: str) -> dict:
+def worker(tmp_path: Path, nproc: int, *args: str) -> dict:
     out = tmp_path / "out.json"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-        *("-m", "tests.tp_worker", str(out), str(tp), str(tmp_path), *extra),
+        *("-m", "tests.tp_worker", str(out), str(tmp_path), *args),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -29,14 +30,23 @@ def worker(tmp_path: Path, nproc: int, tp: int, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize(
-    "nproc, extra", [(2, ()), (4, ()), (4, ("compile",))], ids=["tp2", "tp2-fsdp2", "compiled"]
-)
-def test_tensor_parallel_gives_one_process_loss_gradients_and_checkpoints(
-    tmp_path, nproc: int, extra: tuple[str, ...]
+LAYOUTS = {
+    "tp2": (2, ("--tp", "2")),
+    "tp2-fsdp2": (4, ("--tp", "2")),
+    "tp2-fsdp2-compiled": (4, ("--tp", "2", "--compile")),
+    "cp2": (2, ("--cp", "2")),
+    "cp2-tp2": (4, ("--cp", "2", "--tp", "2")),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
+    tmp_path, layout: str
 ) -> None:
-    result = worker(tmp_path, nproc, 2, *extra)
-    assert result["linear1_local_rows"] == (3 * 64 + 256) // 2  # each rank holds half
+    nproc, args = LAYOUTS[layout]
+    result = worker(tmp_path, nproc, *args)
+    tp = 2 if "tp2" in layout else 1
+    assert result["linear1_local_rows"] == (3 * 64 + 256) // tp  # each TP rank holds 1/tp
     assert result["loss"] <= FP32 * result["loss_value"]
     assert result["grads"] <= 1e-6
     assert result["saved"] == 0.0  # the checkpoint holds the global tensors, exactly
@@ -53,14 +63,15 @@ ARGS = (
 TP2 = ("--parallelism.tensor_parallel_degree", "2")
 
 
-def test_training_with_tp_follows_one_process_and_resumes_under_fsdp(tmp_path) -> None:
+def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(tmp_path) -> None:
     single = run_train(tmp_path / "single", *ARGS)
     tp = run_train(tmp_path / "tp", *ARGS, *TP2, nproc=2)
-    for run in (single, tp):
+    cp = run_train(tmp_path / "cp", *ARGS, "--parallelism.context_parallel_degree", "2", nproc=2)
+    for run in (single, tp, cp):
         assert run.returncode == 0, run.output[-3000:]
-    assert sorted(tp.losses) == [1, 2, 3, 4]
-    assert tp.losses == pytest.approx(single.losses, rel=1e-5)
-    assert tp.validation_losses == pytest.approx(single.validation_losses, rel=1e-4)
+        assert sorted(run.losses) == [1, 2, 3, 4]
+        assert run.losses == pytest.approx(single.losses, rel=1e-5)
+        assert run.validation_losses == pytest.approx(single.validation_losses, rel=1e-4)
 
     # The TP run's step-2 checkpoint, resumed with FSDP over 2 processes (the same global
     # batch: each takes 2 of its 4 samples).

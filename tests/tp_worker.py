@@ -1,10 +1,13 @@
 """One rank of a tensor-parallel check, run by tests/test_tensor_parallel.py under torchrun:
 
-    torchrun --nproc_per_node N -m tests.tp_worker OUT.json TP CHECKPOINT_DIR [compile]
+    torchrun --nproc_per_node N -m tests.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
+        [--compile]
 
-The debug model parallelized with TP (and FSDP over the other N / TP ranks), against the
-same model on one process in this one: loss and gradients on the same batch (each
-data-parallel rank takes its share), then checkpoints both ways through torchtitan's
+The debug model parallelized with TP and CP (and FSDP over the other N / TP ranks, the
+context-parallel ones included, as torchtitan's fsdp mesh does), against the same model
+on one process in this one: loss and gradients on the same batch (each data-parallel
+rank takes its share of the samples, each context-parallel rank its share of every
+sample's tokens), then checkpoints both ways through torchtitan's
 ModelWrapper and DCP. With `compile`, every block is compiled (aot_eager: no C++ compiler
 needed) between TP and FSDP, as parallelize_flux does. Rank 0 writes the largest
 differences to OUT.json.
@@ -12,9 +15,9 @@ differences to OUT.json.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import ModelWrapper
 
+from flux.context_parallel import apply_context_parallel, shard_sequence
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallelize import apply_compile, apply_fsdp, init_on_cpu_as_one_process
@@ -74,36 +78,55 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def main() -> None:
-    out, tp, folder = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    compiled = sys.argv[4:] == ["compile"]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--cp", type=int, default=1)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    out, folder, tp, cp = args.out, args.folder, args.tp, args.cp
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    dp = world // tp
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("fsdp", "tp"))
+    fsdp = world // tp  # data-parallel × context-parallel ranks
+    dp = fsdp // cp
+    assert cp == 1 or dp == 1, "context parallelism is checked without data parallelism"
+    mesh = init_device_mesh("cpu", (fsdp, tp), mesh_dim_names=("fsdp", "tp"))
+
+    def parallelize(model: FluxModel) -> None:
+        if tp > 1:
+            apply_tensor_parallel(model, mesh["tp"])
+        if cp > 1:
+            apply_context_parallel(model, mesh["fsdp"])
+        if args.compile:
+            apply_compile(model, "aot_eager")
+        if fsdp > 1:
+            apply_fsdp(model, mesh["fsdp"], torch.float32, torch.float32, False, True)
 
     reference, batch = model_and_batch()
     parallel = copy.deepcopy(reference)
-    apply_tensor_parallel(parallel, mesh["tp"])
-    if compiled:
-        apply_compile(parallel, "aot_eager")
-    if dp > 1:
-        apply_fsdp(parallel, mesh["fsdp"], torch.float32, torch.float32, False, True)
+    parallelize(parallel)
 
     placements = [p.placements for p in parallel.parameters()]
     ref_loss = loss_of(reference, batch)
     ref_loss.backward()
     share = BATCH // dp
-    dp_rank = mesh["fsdp"].get_local_rank()
-    local = {k: v[dp_rank * share : (dp_rank + 1) * share] for k, v in batch.items()}
+    fsdp_rank = mesh["fsdp"].get_local_rank()
+    if cp > 1:
+        local, _ = shard_sequence(batch, batch["img"], fsdp_rank, cp)
+    else:
+        local = {k: v[fsdp_rank * share : (fsdp_rank + 1) * share] for k, v in batch.items()}
     loss = loss_of(parallel, local)
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    mean_loss /= world  # every TP rank holds the loss of its data-parallel share
+    mean_loss /= world  # every TP rank holds the loss of its share (samples or tokens)
 
     ref_grads = {n: p.grad for n, p in named(reference).items()}
     grads = {n: p.grad for n, p in named(parallel).items()}
-    local_weight = named(parallel)["single_blocks.0.linear1.weight"].to_local()
+    local_weight = full(named(parallel)["single_blocks.0.linear1.weight"])
+    if tp > 1:
+        local_weight = named(parallel)["single_blocks.0.linear1.weight"].to_local()
     result = {
         "loss": abs(mean_loss.item() - ref_loss.item()),
         "loss_value": ref_loss.item(),
@@ -146,9 +169,7 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.device("meta"):
         fresh = FluxModel(flux_configs["flux-debug"])
-    apply_tensor_parallel(fresh, mesh["tp"])
-    if dp > 1:
-        apply_fsdp(fresh, mesh["fsdp"], torch.float32, torch.float32, False, True)
+    parallelize(fresh)
     init_on_cpu_as_one_process(fresh)
     fresh.to_empty(device="cpu")
     fresh.init_weights()

@@ -150,7 +150,12 @@ def _mlp(dim: int, mlp_dim: int) -> nn.Sequential:
 
 
 class DoubleStreamBlock(nn.Module):
-    """Separate weights for image and text tokens, joint attention over both."""
+    """Separate weights for image and text tokens, joint attention over both.
+
+    attend is the joint attention (q, k, v, pe) -> (B, L, H·K); context parallelism gives
+    a block one that attends across ranks (flux/context_parallel.py)."""
+
+    attend = staticmethod(attention)
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
         super().__init__()
@@ -173,7 +178,7 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt)))
 
-        joint = attention(
+        joint = self.attend(
             torch.cat((txt_q, img_q), dim=2),
             torch.cat((txt_k, img_k), dim=2),
             torch.cat((txt_v, img_v), dim=2),
@@ -190,7 +195,10 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """One set of weights for all tokens; attention and MLP run in parallel from one
-    fused input projection (linear1) and one fused output projection (linear2)."""
+    fused input projection (linear1) and one fused output projection (linear2). attend:
+    as DoubleStreamBlock's."""
+
+    attend = staticmethod(attention)
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -212,7 +220,7 @@ class SingleStreamBlock(nn.Module):
         )
         q, k, v = rearrange(qkv, "b l (t h k) -> t b h l k", t=3, h=self.num_heads)
         q, k = self.norm(q, k, v)
-        out = self.linear2(torch.cat((attention(q, k, v, pe), self.mlp_act(mlp)), dim=2))
+        out = self.linear2(torch.cat((self.attend(q, k, v, pe), self.mlp_act(mlp)), dim=2))
         return x + mod.gate * out
 
 
