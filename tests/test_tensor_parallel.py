@@ -33,9 +33,8 @@ def worker(tmp_path: Path, nproc: int, *args: str) -> dict:
 LAYOUTS = {
     "tp2": (2, ("--tp", "2")),
     "tp2-fsdp2": (4, ("--tp", "2")),
-    "tp2-fsdp2-compiled": (4, ("--tp", "2", "--compile")),
     "cp2": (2, ("--cp", "2")),
-    "cp2-tp2": (4, ("--cp", "2", "--tp", "2")),
+    "cp2-tp2-compiled": (4, ("--cp", "2", "--tp", "2", "--compile")),  # FSDP over cp too
 }
 
 
