@@ -196,6 +196,39 @@ def check_model_parallelism(p: Any, args: Any) -> None:
         )
 
 
+def check_float8(job_config: JobConfig) -> None:
+    """What torchtitan's float8 converter needs, checked before its workers start."""
+    import importlib.util
+
+    from torchtitan.tools.utils import has_cuda_capability
+
+    quantized = [c for c in job_config.model.converters if c.startswith("quantize.linear")]
+    if not quantized:
+        return
+    if job_config.parallelism.tensor_parallel_degree > 1:
+        raise ConfigError(
+            f"model.converters {', '.join(quantized)} with tensor parallelism is not "
+            "supported for flux yet: use one or the other"
+        )
+    if "quantize.linear.float8" not in quantized:
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(
+            "model.converters quantize.linear.float8 needs torchao: pip install -e '.[float8]'"
+        )
+    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    emulate = job_config.quantize.linear.float8.emulate
+    if emulate and compiled:
+        raise ConfigError(
+            "quantize.linear.float8.emulate does not work with compile.enable: drop one"
+        )
+    if not emulate and not has_cuda_capability(8, 9):
+        raise ConfigError(
+            "model.converters quantize.linear.float8 needs a GPU with float8 matmuls (compute "
+            "capability 8.9 or newer): on others set quantize.linear.float8.emulate (tests only)"
+        )
+
+
 def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
     """What a precomputed cache of this job's data, at img_size, is made with (precompute
     records it; training compares it). The autoencoder is named by its weights' hash."""
@@ -279,12 +312,7 @@ def check_config(
     if parallelism:
         check_parallel_degrees(job_config.parallelism, world_size)
         check_model_parallelism(job_config.parallelism, flux_configs[flavor])
-        quantized = [c for c in job_config.model.converters if c.startswith("quantize.linear")]
-        if quantized and job_config.parallelism.tensor_parallel_degree > 1:
-            raise ConfigError(
-                f"model.converters {', '.join(quantized)} with tensor parallelism is not "
-                "supported for flux yet: use one or the other"
-            )
+        check_float8(job_config)
 
     encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
     if not Path(encoder.autoencoder_path).is_file():
