@@ -205,19 +205,29 @@ def check_float8(job_config: JobConfig) -> None:
     quantized = [c for c in job_config.model.converters if c.startswith("quantize.linear")]
     if not quantized:
         return
-    if job_config.parallelism.tensor_parallel_degree > 1:
+    tp = job_config.parallelism.tensor_parallel_degree > 1
+    if quantized != ["quantize.linear.float8"] and tp:
         raise ConfigError(
             f"model.converters {', '.join(quantized)} with tensor parallelism is not "
-            "supported for flux yet: use one or the other"
+            "supported for flux: use quantize.linear.float8, or no tensor parallelism"
         )
     if "quantize.linear.float8" not in quantized:
         return
+    float8 = job_config.quantize.linear.float8
+    if tp and (
+        float8.enable_fsdp_float8_all_gather or float8.recipe_name not in (None, "tensorwise")
+    ):
+        raise ConfigError(
+            "quantize.linear.float8 with tensor parallelism takes the tensorwise recipe and "
+            "no FSDP float8 all-gather: set quantize.linear.float8.enable_fsdp_float8_all_gather "
+            "and precompute_float8_dynamic_scale_for_fsdp to false"
+        )
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError(
             "model.converters quantize.linear.float8 needs torchao: pip install -e '.[float8]'"
         )
     compiled = job_config.compile.enable and "model" in job_config.compile.components
-    emulate = job_config.quantize.linear.float8.emulate
+    emulate = float8.emulate
     if emulate and compiled:
         raise ConfigError(
             "quantize.linear.float8.emulate does not work with compile.enable: drop one"

@@ -110,8 +110,24 @@ def _local(t: Tensor | None) -> Tensor | None:
 
 
 # -- forwards on local tensors -------------------------------------------------------------
+def _matmul(module: nn.Linear, x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T as the module computes it: in float8 for a torchao Float8Linear (its
+    tensorwise scales then come from this rank's shard of the weight), else as is."""
+    config = getattr(module, "linear_mm_config", None)
+    if config is None:
+        return F.linear(x, weight)
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    return matmul_with_hp_or_float8_args.apply(x, weight.t(), config, module.config)
+
+
+def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def _replicated_linear(module: nn.Linear, split: _Split, x: Tensor) -> Tensor:
-    return F.linear(x, _local(module.weight), _local(module.bias))  # type: ignore[arg-type]
+    out = _matmul(module, x, _local(module.weight))  # type: ignore[arg-type]
+    return _add_bias(out, _local(module.bias))
 
 
 def _column_linear(module: nn.Linear, split: _Split, x: Tensor) -> Tensor:
@@ -120,14 +136,14 @@ def _column_linear(module: nn.Linear, split: _Split, x: Tensor) -> Tensor:
     bias = _local(module.bias)
     if bias is not None:
         bias = split.piece(_copy_in(bias, split.group))
-    return F.linear(_copy_in(x, split.group), _local(module.weight), bias)  # type: ignore[arg-type]
+    out = _matmul(module, _copy_in(x, split.group), _local(module.weight))  # type: ignore[arg-type]
+    return _add_bias(out, bias)
 
 
 def _row_linear(module: nn.Linear, split: _Split, x: Tensor) -> Tensor:
     """x (this rank's input features) -> the whole output, summed across the mesh."""
-    out = _reduce_out(F.linear(x, _local(module.weight)), split.group)  # type: ignore[arg-type]
-    bias = _local(module.bias)
-    return out if bias is None else out + bias
+    out = _reduce_out(_matmul(module, x, _local(module.weight)), split.group)  # type: ignore[arg-type]
+    return _add_bias(out, _local(module.bias))
 
 
 def _head_norm(module: RMSNorm, split: _Split, x: Tensor) -> Tensor:

@@ -67,12 +67,6 @@ def test_context_parallel_degree_must_split_the_tokens_evenly() -> None:
     check_config(config("--parallelism.context_parallel_degree", "2"), 2)
 
 
-def test_float8_with_tensor_parallelism_is_refused() -> None:
-    args = ("--model.converters", "quantize.linear.float8")
-    message = refused(*args, "--parallelism.tensor_parallel_degree", "2", world_size=2)
-    assert "quantize.linear.float8 with tensor parallelism is not supported" in message
-
-
 def test_missing_autoencoder_says_how_to_download_it(tmp_path) -> None:
     message = refused("--encoder.autoencoder_path", str(tmp_path / "ae.safetensors"))
     assert "download_autoencoder.py" in message

@@ -24,6 +24,7 @@ from tests.tp_worker import model_and_batch
 SCHNELL = str(ROOT / "flux" / "train_configs" / "flux_schnell_model.toml")
 DEBUG = str(ROOT / "flux" / "train_configs" / "debug_model.toml")
 FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")
+ALL_GATHER = ("--quantize.linear.float8.enable_fsdp_float8_all_gather",)
 
 
 def converted(model: nn.Module, *args: str) -> nn.Module:
@@ -62,7 +63,7 @@ def test_a_float8_checkpoint_resumes_without_float8(tmp_path) -> None:
         *("--debug.seed", "0", "--training.steps", "2", "--training.local_batch_size", "2"),
         *("--validation.freq", "100", "--validation.steps", "1"),
         *("--validation.sampling_steps", "1", "--checkpoint.enable"),
-        *("--checkpoint.interval", "2", "--quantize.linear.float8.enable_fsdp_float8_all_gather"),
+        *("--checkpoint.interval", "2", *ALL_GATHER),
         "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp",
     )
     first = run_train(tmp_path / "float8", *args, *FLOAT8, nproc=2)
@@ -83,8 +84,8 @@ def test_a_float8_checkpoint_resumes_without_float8(tmp_path) -> None:
         (("--model.converters", "quantize.linear.float8"), "needs a GPU with float8 matmuls"),
         ((*FLOAT8, "--compile.enable"), "emulate does not work with compile.enable"),
         (
-            (*FLOAT8, "--parallelism.tensor_parallel_degree", "2"),
-            "with tensor parallelism is not supported",
+            (*FLOAT8, "--parallelism.tensor_parallel_degree", "2", *ALL_GATHER),
+            "with tensor parallelism takes the tensorwise recipe and no FSDP float8 all-gather",
         ),
     ],
 )

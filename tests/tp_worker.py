@@ -77,6 +77,20 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((full(a[k]) - full(b[k])).abs().max().item() for k in a)
 
 
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |b| over all tensors together."""
+    diff = sum((full(a[k]) - full(b[k])).pow(2).sum() for k in b)
+    return (diff / sum(full(b[k]).pow(2).sum() for k in b)).sqrt().item()
+
+
+def float8_error(model, float32, grads, batch) -> float:
+    """How far the reference's gradients are from float32's (0 when it is float32)."""
+    if model is float32 or not any("Float8" in type(m).__name__ for m in model.modules()):
+        return 0.0
+    loss_of(float32, batch).backward()
+    return relative_difference(grads, {n: p.grad for n, p in named(float32).items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -84,6 +98,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--float8", action="store_true", help="torchtitan's converter, emulated")
     args = parser.parse_args()
     out, folder, tp, cp = args.out, args.folder, args.tp, args.cp
     dist.init_process_group("gloo")
@@ -104,6 +119,11 @@ def main() -> None:
             apply_fsdp(model, mesh["fsdp"], torch.float32, torch.float32, False, True)
 
     reference, batch = model_and_batch()
+    float32 = copy.deepcopy(reference)
+    if args.float8:
+        from tests.test_float8 import converted
+
+        converted(reference)  # the parallel copy is of the float8 model
     parallel = copy.deepcopy(reference)
     parallelize(parallel)
 
@@ -131,6 +151,8 @@ def main() -> None:
         "loss": abs(mean_loss.item() - ref_loss.item()),
         "loss_value": ref_loss.item(),
         "grads": max_difference(grads, ref_grads),
+        "grads_relative": relative_difference(grads, ref_grads),
+        "float8_grads_relative": float8_error(reference, float32, ref_grads, batch),
         "linear1_local_rows": local_weight.shape[0],
     }
 
