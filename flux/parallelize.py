@@ -136,13 +136,16 @@ def init_on_cpu_as_one_process(model: FluxModel) -> None:
     shards of a freshly initialized matrix would repeat each other. Instead a plain copy
     (built on meta, as torchtitan builds the model, so the generator is at the same state)
     is initialized and each rank keeps its part. On GPUs DTensor's own random-number
-    tracker gives each shard its numbers, and init_weights runs as it is."""
+    tracker gives each shard its numbers, and init_weights runs as it is (also when FSDP
+    offloads parameters to the CPU: the mesh, not the parameters, says where it runs)."""
     original = model.init_weights
 
     @torch.no_grad()
     def init_weights(buffer_device: torch.device | None = None) -> None:
         params = dict(_named_parameters(model))
-        if not any(isinstance(p, DTensor) and p.device.type == "cpu" for p in params.values()):
+        if not any(
+            isinstance(p, DTensor) and p.device_mesh.device_type == "cpu" for p in params.values()
+        ):
             original(buffer_device)
             return
         with torch.device("meta"):
