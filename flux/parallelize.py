@@ -142,7 +142,7 @@ def init_on_cpu_as_one_process(model: FluxModel) -> None:
 
     @torch.no_grad()
     def init_weights(buffer_device: torch.device | None = None) -> None:
-        params = dict(_named_parameters(model))
+        params = dict(flux_named_parameters(model))
         if not any(
             isinstance(p, DTensor) and p.device_mesh.device_type == "cpu" for p in params.values()
         ):
@@ -165,7 +165,7 @@ def init_on_cpu_as_one_process(model: FluxModel) -> None:
     model.init_weights = init_weights  # type: ignore[method-assign]
 
 
-def _named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+def flux_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """Parameters by their FluxModel names (without the wrappers' prefixes)."""
     for name, param in model.named_parameters():
         for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):

@@ -30,7 +30,12 @@ from torchtitan.components.checkpoint import ModelWrapper
 from flux.context_parallel import apply_context_parallel, shard_sequence
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallelize import apply_compile, apply_fsdp, init_on_cpu_as_one_process
+from flux.parallelize import (
+    apply_compile,
+    apply_fsdp,
+    flux_named_parameters,
+    init_on_cpu_as_one_process,
+)
 from flux.sampling import image_ids, text_ids
 from flux.tensor_parallel import apply_tensor_parallel, plain_layout
 
@@ -69,7 +74,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Parameters by their FluxModel names (compiled blocks add `_orig_mod.`)."""
-    return {n.replace("_orig_mod.", ""): p for n, p in model.named_parameters()}
+    return dict(flux_named_parameters(model))
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
