@@ -181,6 +181,30 @@ def check_parallel_degrees(p: Any, world_size: int) -> None:
         )
 
 
+def check_data_settings(job_config: JobConfig, world_size: int, parallelism: bool) -> None:
+    """The data reader's settings ([training] shards_open, data_streams; [training.dataloader])."""
+    training, loader = job_config.training, job_config.training.dataloader
+    if training.shards_open < 1:
+        raise ConfigError(f"training.shards_open = {training.shards_open}: use 1 or more")
+    if loader.num_workers < 0:
+        raise ConfigError(f"training.dataloader.num_workers = {loader.num_workers}: use 0 or more")
+    if loader.prefetch_factor is not None and loader.prefetch_factor < 1:
+        raise ConfigError(
+            f"training.dataloader.prefetch_factor = {loader.prefetch_factor}: use 1 or more"
+        )
+    streams = training.data_streams
+    if streams < 0:
+        raise ConfigError(f"training.data_streams = {streams}: use 0 (derived) or more")
+    p = job_config.parallelism
+    model_parallel = p.tensor_parallel_degree * p.context_parallel_degree
+    dp = world_size // (model_parallel * p.pipeline_parallel_degree)
+    if parallelism and streams and streams % dp:
+        raise ConfigError(
+            f"training.data_streams = {streams} is not a multiple of the data-parallel degree "
+            f"{dp}: use a multiple of it, or 0"
+        )
+
+
 def check_model_parallelism(p: Any, args: Any) -> None:
     """What this model can be split into: heads across tensor-parallel ranks (no pipeline
     parallelism); context parallelism's token counts are checked in check_config."""
@@ -323,6 +347,7 @@ def check_config(
         check_parallel_degrees(job_config.parallelism, world_size)
         check_model_parallelism(job_config.parallelism, flux_configs[flavor])
         check_float8(job_config)
+    check_data_settings(job_config, world_size, parallelism)
 
     encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
     if not Path(encoder.autoencoder_path).is_file():

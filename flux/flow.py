@@ -26,6 +26,7 @@ from torchtitan.tools.logging import logger
 
 from flux.data.caption_dropout import drop_captions, dropout_masks
 from flux.data.precomputed import TextTable
+from flux.data.transforms import device_images
 from flux.model.args import AutoEncoderParams, FluxModelArgs
 from flux.model.autoencoder import AutoEncoder, load_ae, posterior_latents
 from flux.model.text_encoders import TextEncoder
@@ -161,7 +162,8 @@ class FluxPreprocessor:
             moments = batch["moments"].to(self.device)
         else:
             assert self.autoencoder is not None
-            moments = self.autoencoder.encoder(batch["images"].to(self.device, self.dtype))
+            images = device_images(batch["images"], self.device, self.dtype)  # uint8 -> [-1, 1]
+            moments = self.autoencoder.encoder(images)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
         noise = streams.randn((c, h, w), self.device)
         return posterior_latents(moments, self.ae_params, noise).float()

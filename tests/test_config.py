@@ -80,6 +80,25 @@ def test_max_nonfinite_steps_must_be_at_least_one() -> None:
     assert "use 1 or more" in refused("--training.max_nonfinite_steps", "0")
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--training.shards_open", "0"), "training.shards_open = 0: use 1 or more"),
+        (("--training.data_streams", "-1"), "training.data_streams = -1"),
+        (("--training.dataloader.num_workers", "-2"), "num_workers = -2: use 0 or more"),
+        (("--training.dataloader.prefetch_factor", "0"), "prefetch_factor = 0: use 1 or more"),
+    ],
+)
+def test_data_reader_settings_are_checked(args: tuple[str, ...], expected: str) -> None:
+    assert expected in refused(*args)
+
+
+def test_data_streams_must_be_a_multiple_of_the_data_parallel_degree() -> None:
+    message = refused("--training.data_streams", "6", world_size=4)
+    assert "not a multiple of the data-parallel degree 4" in message
+    check_config(config("--training.data_streams", "8"), 4)
+
+
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "job.toml"
     path.write_text(text)

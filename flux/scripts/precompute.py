@@ -49,7 +49,6 @@ from flux.config import (
     parse_config,
 )
 from flux.data.dataset import CaptionedImages, Sample
-from flux.data.imagefolder import BadSample
 from flux.data.precomputed import (
     FORMAT,
     MANIFEST,
@@ -62,6 +61,8 @@ from flux.data.precomputed import (
     write_json,
     write_shard,
 )
+from flux.data.skips import BadSample
+from flux.data.transforms import device_images
 from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders
 from flux.model.args import flux_configs
 from flux.validate import HELD_OUT_SEED
@@ -89,7 +90,7 @@ class Encoders:
     @torch.no_grad()
     def samples(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """t5 (B, L, D_t5), clip (B, D_clip), moments (B, 2C, h, w) on the CPU."""
-        images = torch.stack([s.image for s in samples]).to(self.device, self.dtype)
+        images = device_images(torch.stack([s.image for s in samples]), self.device, self.dtype)
         moments = self.autoencoder.encoder(images).cpu()
         return {**self.texts([s.caption for s in samples]), "moments": moments}
 
@@ -263,12 +264,12 @@ def write_streamed(
     shards it wrote."""
     if done_path(root, args.rank).exists():
         return 0
-    assert reader.stream is not None
+    assert reader.streamed
     written = sorted(root.glob(f"shard-r{args.rank:04d}-*.safetensors"))
     consumed = 0
     if written:
         last = shard_metadata(written[-1])
-        reader.stream.load_state_dict(last["stream"])
+        reader.load_state_dict(last["stream"])
         consumed = last["consumed"]
     total = plan["num_samples"]
     samples = reader.one_pass()
@@ -280,14 +281,13 @@ def write_streamed(
 
     def flush() -> None:
         nonlocal skips
-        assert reader.stream is not None
         new = sum(reader.skipped.values()) - skips
         skips += new
         writer.skipped = list(reader.skip_examples)[-new:] if new else []
         writer.write(
             shard_path(root, shard, args.rank),
             skipped_count=new,
-            stream=reader.stream.state_dict(),  # just after the shard's last sample
+            stream=reader.state_dict(),  # just after the shard's last sample
             consumed=consumed,
         )
 

@@ -17,7 +17,7 @@ from flux.data import precomputed
 from flux.data.precomputed import shard_metadata
 from flux.data.shapes import shape_spec
 from tests.caches import make_cache
-from tests.data.test_webdataset import make_shards
+from tests.data.tars import make_shards, record, write_tar
 from tests.launch import ROOT, run_train
 
 
@@ -96,6 +96,9 @@ def test_a_stream_is_precomputed_once_across_processes_and_an_interruption(
     tmp_path, monkeypatch
 ) -> None:
     data = make_shards(tmp_path / "tars", 3, 6)
+    # A caption that is not UTF-8: a counted skip, not a dead run.
+    latin1 = [("0000x.png", record(0)[0][1]), ("0000x.txt", "caf\xe9".encode("latin-1"))]
+    write_tar(data / "shard-003.tar", [*latin1, *record(18)])
     root = tmp_path / "cache"
     args = (
         *("--training.dataset", "webdataset", "--training.dataset_path", str(data)),
@@ -110,7 +113,9 @@ def test_a_stream_is_precomputed_once_across_processes_and_an_interruption(
     make_cache(root, 100, *args, "--rank", "0")
     keys = cached_keys(root)
     expected = [f"shard-{s:03d}.tar:{i:05d}" for s in range(3) for i in range(6 * s, 6 * s + 6)]
-    assert sorted(keys) == expected
+    assert sorted(keys) == [*expected, "shard-003.tar:00018"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["skipped"] == 1
 
 
 def test_a_restart_with_other_settings_is_refused(tmp_path, capsys) -> None:
