@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 import pickle
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchtitan.components.dataloader import BaseDataLoader
@@ -36,16 +38,31 @@ def collate(samples: list[Any], pin_memory: bool = False) -> dict[str, Any]:
     """Samples -> {"images": (B, 3, H, W) uint8, "captions": [str], "keys": [str]};
     CachedSamples -> {"t5": (B, L, D_t5), "clip": (B, D_clip), "moments": (B, 2C, h, w),
     "captions", "keys"}. With pin_memory, the tensors are stacked into pinned memory."""
-    names = TENSORS if isinstance(samples[0], CachedSample) else ("image",)
-    tensors = {}
-    for name in names:
-        parts = [getattr(s, name) for s in samples]
-        out = None
-        if pin_memory:
-            shape = (len(parts), *parts[0].shape)
-            out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=True)
-        tensors["images" if name == "image" else name] = torch.stack(parts, out=out)
+    if isinstance(samples[0], CachedSample):
+        tensors = {name: stack([getattr(s, name) for s in samples], pin_memory) for name in TENSORS}
+    else:
+        tensors = {"images": stack([s.image for s in samples], pin_memory)}
     return {**tensors, "captions": [s.caption for s in samples], "keys": [s.key for s in samples]}
+
+
+def stack(parts: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    """torch.stack, into pinned memory if asked; uint8 images through numpy (torch's copy may
+    wait on intra-op threads, tens of times slower on a busy machine)."""
+    shape = (len(parts), *parts[0].shape)
+    out = torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin_memory)
+    if out.dtype == torch.uint8:
+        np.stack([p.numpy() for p in parts], out=out.numpy())
+    else:
+        torch.stack(parts, out=out)
+    return out
+
+
+def _worker_init(worker_id: int) -> None:
+    """A stop signal is the training process's to act on (it finishes its step and saves a
+    checkpoint); SLURM sends SIGUSR1 and SIGTERM to every process of a job, and they would
+    kill a worker mid-step. Workers end with the training process's iterator."""
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 class _WorkerItems(IterableDataset):
@@ -121,6 +138,7 @@ class CaptionedImageLoader(BaseDataLoader):
             num_workers=workers,
             prefetch_factor=math.ceil(self.prefetch_factor * self.batch_size / workers),
             persistent_workers=self.persistent_workers,
+            worker_init_fn=_worker_init,
         )
         return iter(loader)
 

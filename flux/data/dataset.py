@@ -53,6 +53,14 @@ class Sample:
     caption: str
     key: str  # where the sample came from: "17" (index), a path, or "shard.tar:KEY"
 
+    # From a dataloader worker, the image crosses in the pipe as bytes: a shared-memory
+    # segment per image (how torch sends tensors) costs more than copying it.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "image": self.image.numpy()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, image=torch.from_numpy(state["image"]))
+
 
 @dataclass
 class Item:
