@@ -33,6 +33,7 @@ from torchtitan.train import Trainer
 from flux.checkpoint import CheckpointError, install_load_hooks, install_save_gate, wait_for_save
 from flux.config import ConfigError, check_config, parse_config
 from flux.context_parallel import shard_sequence
+from flux.data.streams import DataError
 from flux.device import use_cpu_if_no_accelerator
 from flux.flow import FlowBatch, FluxPreprocessor, flow_matching_loss
 from flux.resilience import (
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             folder = trainer.checkpointer.folder if trainer.checkpointer.enable else None
             write_requeue_file(trainer.step, folder)
             sys.exit(REQUEUE_EXIT_CODE)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteLossError as e:

@@ -170,3 +170,15 @@ def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert len(lines) == 1 and "holds the model only" in lines[0], run.output[-2000:]
     assert "initial_load_path" in lines[0]
+
+
+def test_a_data_set_too_small_for_two_processes_stops_in_one_line(tmp_path) -> None:
+    """One record for two ranks: the rank without one says so; none waits forever."""
+    from tests.data.tars import make_shards
+
+    data = make_shards(tmp_path / "data", 1, 1)
+    args = ("--training.dataset", "webdataset", "--training.dataset_path", str(data))
+    run = run_train(tmp_path / "run", "--training.steps", "2", *args, nproc=2)
+    assert run.returncode != 0
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert len(lines) == 1 and "is too small for 2 readers" in lines[0], run.output[-3000:]

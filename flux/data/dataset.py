@@ -32,13 +32,20 @@ from flux.data.shapes import shapes_sample
 from flux.data.shards import (
     Record,
     Shard,
+    count_records,
     decode_record,
     list_shards,
     shard_location,
     shards_digest,
 )
 from flux.data.skips import UNDECODABLE_IMAGE, BadSample, Skip, SkipLog
-from flux.data.streams import DataError, IndexedStream, Position, ShardStream
+from flux.data.streams import (
+    DataError,
+    IndexedStream,
+    Position,
+    ShardStream,
+    check_enough_records,
+)
 from flux.data.transforms import image_to_tensor
 
 SOURCES = ("shapes", "imagefolder", "webdataset", "cc12m-wds", "precomputed")
@@ -109,6 +116,11 @@ class CaptionedImages(Stateful):
         self.cache = PrecomputedCache(path) if source == "precomputed" else None  # type: ignore[arg-type]
         self.location = shard_location(source, path) if source in SHARDED else ""
         self.shards: list[Shard] = list_shards(self.location) if self.location else []
+        if self.shards and len(self.shards) < self.streams and "://" not in self.location:
+            # Shards shared among streams: are they large enough for all? (Local shards
+            # are counted from their headers; remote ones would be downloaded whole.)
+            counts = [count_records(shard) for shard in self.shards]
+            check_enough_records(counts, self.streams, self.location)
         self.positions: dict[int, Position] = {}  # stream -> after its last sample taken
         self.consumed = 0  # samples this rank has taken (its turn among its streams)
         self.skips = SkipLog(report_every_s)

@@ -42,6 +42,21 @@ class DataError(ValueError):
     says what to do, in one line."""
 
 
+def check_enough_records(counts: list[int], streams: int, location: str) -> None:
+    """Refuse, in one line and on every rank alike, shards too small to give every stream
+    a record. With N shards for S streams, stream k takes every m-th record of a shard
+    from record k // N on, so the last stream needs a shard of more than (S - 1) // N."""
+    needed = (streams - 1) // len(counts) + 1
+    if max(counts) >= needed:
+        return
+    raise DataError(
+        f"dataset {location} is too small for {streams} readers: {sum(counts)} records in "
+        f"{len(counts)} shards, at most {max(counts)} in one, where each of {streams} streams "
+        f"(data-parallel ranks × dataloader workers, or training.data_streams) needs a shard "
+        f"of {needed} or more; use fewer ranks or workers, or more data"
+    )
+
+
 def shard_order(seed: int, epoch: int, count: int) -> list[int]:
     """The shards' order in an epoch: the same on every rank."""
     order = list(range(count))

@@ -10,10 +10,7 @@ import logging
 import tarfile
 from pathlib import Path
 
-import fsspec
 import pytest
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from flux.data.dataset import CaptionedImages
@@ -166,27 +163,6 @@ def test_reading_from_a_records_end_gives_the_rest(tmp_path: Path, name: str) ->
     assert [(r.key, r.files) for r in rest] == [(r.key, r.files) for r in records[3:]]
     odd = list(read_records(shard, 2, records[1].end, lambda i: i % 2 == 1))
     assert [r.key for r in odd] == ["00003", "00005"]
-
-
-class HubStandIn(DirFileSystem):
-    """The hub's file system (hf://datasets/OWNER/NAME/...) over a local folder."""
-
-    protocol = "hf"
-    cachable = False
-    root = ""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(path=self.root, fs=LocalFileSystem())
-
-
-@pytest.fixture
-def hub(tmp_path: Path):
-    """hf:// served from tmp_path/hub (datasets/OWNER/NAME/FILE), for this test."""
-    original = fsspec.get_filesystem_class("hf")
-    HubStandIn.root = str(tmp_path / "hub")
-    fsspec.register_implementation("hf", HubStandIn, clobber=True)
-    yield tmp_path / "hub" / "datasets"
-    fsspec.register_implementation("hf", original, clobber=True)
 
 
 def test_hub_shards_are_read_and_resumed_by_the_same_reader(hub: Path) -> None:

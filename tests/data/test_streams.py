@@ -143,9 +143,24 @@ def test_skips_in_workers_are_counted_in_the_training_process(tmp_path: Path) ->
     assert state["consumed"] == 36 and state["streams"] == 2
 
 
-def test_a_data_set_too_small_for_its_readers_is_refused_in_one_line(tmp_path: Path) -> None:
-    make_shards(tmp_path, 1, 3)  # 3 records for 4 streams: stream 3 has none
-    ranks = [CaptionedImages("webdataset", 8, r, 2, path=tmp_path, streams=4) for r in range(2)]
+def test_a_data_set_too_small_for_its_readers_is_refused_at_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    make_shards(tmp_path, 2, [2, 3])  # 4 streams per shard, every 4th record: 4 needed
+    for rank in range(2):  # every rank alike
+        with pytest.raises(DataError, match="too small for 8 readers: 5 records in 2 shards") as e:
+            CaptionedImages("webdataset", 8, rank, 2, path=tmp_path, streams=8)
+        assert "\n" not in str(e.value)
+    make_shards(tmp_path / "more", 2, [2, 4])
+    CaptionedImages("webdataset", 8, 1, 2, path=tmp_path / "more", streams=8)
+
+
+def test_a_stream_that_finds_nothing_on_the_hub_stops_the_run(hub: Path) -> None:
+    """Hub shards are not counted at start: the stream without a record says so."""
+    make_shards(hub / "someone" / "tiny", 1, 3)  # 3 records for 4 streams: stream 3 has none
+    ranks = [
+        CaptionedImages("cc12m-wds", 8, r, 2, path="someone/tiny", streams=4) for r in range(2)
+    ]
     assert len(list(itertools.islice(iter(ranks[0]), 10))) == 10
     with pytest.raises(DataError, match="is too small for 4 readers: stream 3 found no record"):
         list(itertools.islice(iter(ranks[1]), 2))  # its streams 1 and 3
