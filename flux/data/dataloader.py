@@ -78,7 +78,13 @@ class _WorkerItems(IterableDataset):
 
 
 class CaptionedImageLoader(BaseDataLoader):
-    """Endless batches of one data-parallel rank's samples, checkpointed per rank."""
+    """Endless batches of one data-parallel rank's samples, checkpointed per rank.
+
+    The data set is read as `data_streams` streams (0: dp_world_size × max(1, num_workers));
+    a loaded state brings its own. prefetch_factor counts batches per worker, as torch's
+    does. Iterating is one endless pass: its workers live as long as the iterator, with or
+    without persistent_workers (which matters only to an iterator made anew).
+    """
 
     def __init__(
         self,
