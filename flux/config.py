@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from torchtitan.config import ConfigManager, JobConfig
 
+from flux.sampling import PIXELS_PER_TOKEN, check_image_size
+
 if TYPE_CHECKING:
     from flux.data.precomputed import CacheSettings
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where relative asset paths also resolve
+DEBUG_CONFIG = PACKAGE_ROOT / "flux" / "train_configs" / "debug_model.toml"  # the default job
 CUSTOM_CONFIG_MODULE = "flux.job_config"
 
 
@@ -112,9 +115,9 @@ def check_toml(values: dict[str, Any], cls: type, path: str, section: str = "") 
 
 def merged_config_class() -> type:
     from flux import job_config
+    from flux.seam import merged_config_class as merged
 
-    manager = ConfigManager()
-    return ConfigManager._merge_configs(manager.config_cls, job_config.JobConfig)
+    return merged(job_config.JobConfig)
 
 
 def parse_config(args: list[str]) -> JobConfig:
@@ -148,118 +151,89 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_parallel_degrees(p: Any, world_size: int) -> None:
-    named = {
-        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
-        "tensor_parallel_degree": p.tensor_parallel_degree,
-        "context_parallel_degree": p.context_parallel_degree,
-        "pipeline_parallel_degree": p.pipeline_parallel_degree,
-    }
-    for name, degree in named.items():
-        if degree < 1:
-            raise ConfigError(f"parallelism.{name} = {degree}: degrees are >= 1")
-    product = 1
-    for degree in named.values():
-        product *= degree
-    shard = p.data_parallel_shard_degree
-    described = " × ".join(f"{k.replace('_degree', '')} {v}" for k, v in named.items() if v > 1)
-    if shard == -1:
-        if world_size % product:
-            raise ConfigError(
-                f"parallel degrees ({described or 'all 1'}) do not divide the world size "
-                f"{world_size}: make their product a divisor of the number of processes"
-            )
-        return
-    if shard < 1:
-        raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard}: use -1 or >= 1")
-    if product * shard != world_size:
+def check_config(
+    job_config: JobConfig, world_size: int | None = None, parallelism: bool = True
+) -> None:
+    """What the values mean, checked by owner; sets derived values (seq_len, resolved paths).
+    parallelism=False leaves out the parallel degrees (precompute runs processes of its own)."""
+    check_model(job_config)
+    check_training(job_config)
+    check_data(job_config)
+    training, encoder = job_config.training, job_config.encoder
+    img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
+    training.seq_len = img_tokens + encoder.max_t5_encoding_len
+    if parallelism:
+        check_parallelism(job_config, _world_size() if world_size is None else world_size)
+
+
+# -- by owner: the model, training, data, parallelism ----------------------------------------
+
+
+def check_model(job_config: JobConfig) -> None:
+    from flux.model.args import flux_configs
+
+    if job_config.model.name != "flux":
+        raise ConfigError(f"model.name = {job_config.model.name!r}: this trainer runs 'flux'")
+    flavor = job_config.model.flavor
+    if flavor not in flux_configs:
         raise ConfigError(
-            f"parallel degrees multiply to {product * shard} (data_parallel_shard {shard}"
-            f"{' × ' + described if described else ''}) but {world_size} process(es) were "
-            "started: make them multiply to the number of processes, or set "
-            "data_parallel_shard_degree = -1 to fill it"
+            f"unknown model.flavor {flavor!r}: choose one of {', '.join(flux_configs)}"
         )
 
 
-def check_data_settings(job_config: JobConfig, world_size: int, parallelism: bool) -> None:
-    """The data reader's settings ([training] shards_open, data_streams; [training.dataloader])."""
+def check_training(job_config: JobConfig) -> None:
+    training = job_config.training
+    if training.max_nonfinite_steps < 1:
+        raise ConfigError(
+            f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
+            "(the non-finite steps in a row that stop the run)"
+        )
+
+
+def check_data(job_config: JobConfig) -> None:
+    """Sources, image sizes and files of the training and validation data, and the frozen
+    encoders' files; relative paths are resolved."""
+    from flux.data.dataset import SOURCES
+    from flux.model.autoencoder import DOWNLOAD_HINT
+
+    training, validation, encoder = job_config.training, job_config.validation, job_config.encoder
+    sections = [("training", training)] + (
+        [("validation", validation)] if validation.enable else []
+    )
+    for key, section in sections:
+        if section.dataset not in SOURCES:
+            raise ConfigError(
+                f"unknown {key}.dataset {section.dataset!r}: choose one of {', '.join(SOURCES)}"
+            )
+        try:
+            check_image_size(section.img_size, f"{key}.img_size")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
+    if not Path(encoder.autoencoder_path).is_file():
+        raise ConfigError(
+            f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
+        )
+    for section in (training, validation):
+        if section.dataset_path:
+            section.dataset_path = resolve_path(section.dataset_path)
+    check_precomputed(job_config)
+    check_reader(job_config)
+
+
+def check_reader(job_config: JobConfig) -> None:
+    """The data reader's settings: [training] shards_open, data_streams; [training.dataloader]
+    (data_streams against the data-parallel degree: check_parallelism)."""
     training, loader = job_config.training, job_config.training.dataloader
     if training.shards_open < 1:
         raise ConfigError(f"training.shards_open = {training.shards_open}: use 1 or more")
+    if training.data_streams < 0:
+        raise ConfigError(f"training.data_streams = {training.data_streams}: use 0 or more")
     if loader.num_workers < 0:
         raise ConfigError(f"training.dataloader.num_workers = {loader.num_workers}: use 0 or more")
     if loader.prefetch_factor is not None and loader.prefetch_factor < 1:
         raise ConfigError(
             f"training.dataloader.prefetch_factor = {loader.prefetch_factor}: use 1 or more"
-        )
-    streams = training.data_streams
-    if streams < 0:
-        raise ConfigError(f"training.data_streams = {streams}: use 0 (derived) or more")
-    p = job_config.parallelism
-    model_parallel = p.tensor_parallel_degree * p.context_parallel_degree
-    dp = world_size // (model_parallel * p.pipeline_parallel_degree)
-    if parallelism and streams and streams % dp:
-        raise ConfigError(
-            f"training.data_streams = {streams} is not a multiple of the data-parallel degree "
-            f"{dp}: use a multiple of it, or 0"
-        )
-
-
-def check_model_parallelism(p: Any, args: Any) -> None:
-    """What this model can be split into: heads across tensor-parallel ranks (no pipeline
-    parallelism); context parallelism's token counts are checked in check_config."""
-    if p.pipeline_parallel_degree > 1:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_degree > 1 is not supported for flux: set it to 1"
-        )
-    tp = p.tensor_parallel_degree
-    if args.num_heads % tp:
-        raise ConfigError(
-            f"parallelism.tensor_parallel_degree = {tp} does not divide this flavor's "
-            f"{args.num_heads} attention heads: use a divisor of {args.num_heads}"
-        )
-
-
-def check_float8(job_config: JobConfig) -> None:
-    """What torchtitan's float8 converter needs, checked before its workers start."""
-    import importlib.util
-
-    from torchtitan.tools.utils import has_cuda_capability
-
-    quantized = [c for c in job_config.model.converters if c.startswith("quantize.linear")]
-    if not quantized:
-        return
-    tp = job_config.parallelism.tensor_parallel_degree > 1
-    if quantized != ["quantize.linear.float8"] and tp:
-        raise ConfigError(
-            f"model.converters {', '.join(quantized)} with tensor parallelism is not "
-            "supported for flux: use quantize.linear.float8, or no tensor parallelism"
-        )
-    if "quantize.linear.float8" not in quantized:
-        return
-    float8 = job_config.quantize.linear.float8
-    if tp and (
-        float8.enable_fsdp_float8_all_gather or float8.recipe_name not in (None, "tensorwise")
-    ):
-        raise ConfigError(
-            "quantize.linear.float8 with tensor parallelism takes the tensorwise recipe and "
-            "no FSDP float8 all-gather: set quantize.linear.float8.enable_fsdp_float8_all_gather "
-            "and precompute_float8_dynamic_scale_for_fsdp to false"
-        )
-    if importlib.util.find_spec("torchao") is None:
-        raise ConfigError(
-            "model.converters quantize.linear.float8 needs torchao: pip install -e '.[float8]'"
-        )
-    compiled = job_config.compile.enable and "model" in job_config.compile.components
-    emulate = float8.emulate
-    if emulate and compiled:
-        raise ConfigError(
-            "quantize.linear.float8.emulate does not work with compile.enable: drop one"
-        )
-    if not emulate and not has_cuda_capability(8, 9):
-        raise ConfigError(
-            "model.converters quantize.linear.float8 needs a GPU with float8 matmuls (compute "
-            "capability 8.9 or newer): on others set quantize.linear.float8.emulate (tests only)"
         )
 
 
@@ -308,61 +282,24 @@ def check_precomputed(job_config: JobConfig) -> None:
             raise ConfigError(f"{key}.dataset_path: {e}") from None
 
 
-def check_config(
-    job_config: JobConfig, world_size: int | None = None, parallelism: bool = True
-) -> None:
-    """What the values mean; sets derived values (seq_len, resolved paths). parallelism=False
-    leaves out the parallel degrees (precompute runs processes of its own)."""
-    from flux.data.dataset import SOURCES
+def check_parallelism(job_config: JobConfig, world_size: int) -> None:
+    """Degrees against the world size and the model; float8; context parallelism's token
+    counts."""
     from flux.model.args import flux_configs
-    from flux.model.autoencoder import DOWNLOAD_HINT
 
-    world_size = _world_size() if world_size is None else world_size
-    if job_config.model.name != "flux":
-        raise ConfigError(f"model.name = {job_config.model.name!r}: this trainer runs 'flux'")
-    flavor = job_config.model.flavor
-    if flavor not in flux_configs:
+    p = job_config.parallelism
+    check_parallel_degrees(p, world_size)
+    check_model_parallelism(p, flux_configs[job_config.model.flavor])
+    check_float8(job_config)
+    streams = job_config.training.data_streams
+    dp = world_size // (p.tensor_parallel_degree * p.context_parallel_degree)
+    if streams % dp:
         raise ConfigError(
-            f"unknown model.flavor {flavor!r}: choose one of {', '.join(flux_configs)}"
+            f"training.data_streams = {streams} is not a multiple of the data-parallel degree "
+            f"{dp}: use a multiple of it, or 0"
         )
-    training, validation, encoder = job_config.training, job_config.validation, job_config.encoder
-    datasets = [("training.dataset", training.dataset)]
-    if validation.enable:
-        datasets.append(("validation.dataset", validation.dataset))
-    for key, name in datasets:
-        if name not in SOURCES:
-            raise ConfigError(f"unknown {key} {name!r}: choose one of {', '.join(SOURCES)}")
-    sizes = [("training.img_size", training.img_size)]
-    if validation.enable:
-        sizes.append(("validation.img_size", validation.img_size))
-    for key, size in sizes:
-        if size < 16 or size % 16:
-            raise ConfigError(f"{key} = {size}: use a positive multiple of 16")
-    if training.max_nonfinite_steps < 1:
-        raise ConfigError(
-            f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
-            "(the non-finite steps in a row that stop the run)"
-        )
-    if parallelism:
-        check_parallel_degrees(job_config.parallelism, world_size)
-        check_model_parallelism(job_config.parallelism, flux_configs[flavor])
-        check_float8(job_config)
-    check_data_settings(job_config, world_size, parallelism)
-
-    encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
-    if not Path(encoder.autoencoder_path).is_file():
-        raise ConfigError(
-            f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
-        )
-    for section in (training, validation):
-        if section.dataset_path:
-            section.dataset_path = resolve_path(section.dataset_path)
-    check_precomputed(job_config)
-
-    patch = 16  # 8× autoencoder downsampling, then 2×2 patches
-    img_tokens = (training.img_size // patch) ** 2
-    training.seq_len = img_tokens + encoder.max_t5_encoding_len
-    cp = job_config.parallelism.context_parallel_degree
+    training, encoder, cp = job_config.training, job_config.encoder, p.context_parallel_degree
+    img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
     for what, tokens in (
         (f"training.img_size {training.img_size} gives {img_tokens} image tokens", img_tokens),
         (
@@ -370,11 +307,104 @@ def check_config(
             encoder.max_t5_encoding_len,
         ),
     ):
-        if parallelism and tokens % cp:
+        if tokens % cp:
             raise ConfigError(
                 f"{what}, which do not split into parallelism.context_parallel_degree = {cp} "
                 "equal parts: make the token count a multiple of it"
             )
+
+
+def check_parallel_degrees(p: Any, world_size: int) -> None:
+    named = {
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+    }
+    for name, degree in named.items():
+        if degree < 1:
+            raise ConfigError(f"parallelism.{name} = {degree}: degrees are >= 1")
+    product = 1
+    for degree in named.values():
+        product *= degree
+    shard = p.data_parallel_shard_degree
+    described = " × ".join(f"{k.replace('_degree', '')} {v}" for k, v in named.items() if v > 1)
+    if shard == -1:
+        if world_size % product:
+            raise ConfigError(
+                f"parallel degrees ({described or 'all 1'}) do not divide the world size "
+                f"{world_size}: make their product a divisor of the number of processes"
+            )
+        return
+    if shard < 1:
+        raise ConfigError(f"parallelism.data_parallel_shard_degree = {shard}: use -1 or >= 1")
+    if product * shard != world_size:
+        raise ConfigError(
+            f"parallel degrees multiply to {product * shard} (data_parallel_shard {shard}"
+            f"{' × ' + described if described else ''}) but {world_size} process(es) were "
+            "started: make them multiply to the number of processes, or set "
+            "data_parallel_shard_degree = -1 to fill it"
+        )
+
+
+def check_model_parallelism(p: Any, args: Any) -> None:
+    """What this model can be split into: heads across tensor-parallel ranks (no pipeline
+    parallelism); context parallelism's token counts are checked in check_config."""
+    if p.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            "parallelism.pipeline_parallel_degree > 1 is not supported for flux: set it to 1"
+        )
+    tp = p.tensor_parallel_degree
+    if args.num_heads % tp:
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {tp} does not divide this flavor's "
+            f"{args.num_heads} attention heads: use a divisor of {args.num_heads}"
+        )
+
+
+def check_float8(job_config: JobConfig) -> None:
+    """What torchtitan's float8 converter needs, checked before its workers start."""
+    import importlib.util
+
+    from torchtitan.tools.utils import has_cuda_capability
+
+    quantized = [c for c in job_config.model.converters if c.startswith("quantize.linear")]
+    if not quantized:
+        return
+    tp = job_config.parallelism.tensor_parallel_degree > 1
+    if quantized != ["quantize.linear.float8"] and tp:
+        raise ConfigError(
+            f"model.converters {', '.join(quantized)} with tensor parallelism is not "
+            "supported for flux: use quantize.linear.float8, or no tensor parallelism"
+        )
+    if "quantize.linear.float8" not in quantized:
+        return
+    float8 = job_config.quantize.linear.float8
+    if tp and (
+        float8.enable_fsdp_float8_all_gather or float8.recipe_name not in (None, "tensorwise")
+    ):
+        raise ConfigError(
+            "quantize.linear.float8 with tensor parallelism takes the tensorwise recipe and "
+            "no FSDP float8 all-gather: set quantize.linear.float8.enable_fsdp_float8_all_gather "
+            "and precompute_float8_dynamic_scale_for_fsdp to false"
+        )
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(
+            "model.converters quantize.linear.float8 needs torchao: pip install -e '.[float8]'"
+        )
+    from flux.parallel.parallelize import compiles_model
+
+    compiled = compiles_model(job_config.compile)
+    emulate = float8.emulate
+    if emulate and compiled:
+        raise ConfigError(
+            "quantize.linear.float8.emulate does not work with compile.enable: drop one"
+        )
+    if not emulate and not has_cuda_capability(8, 9):
+        raise ConfigError(
+            "model.converters quantize.linear.float8 needs a GPU with float8 matmuls (compute "
+            "capability 8.9 or newer): on others set quantize.linear.float8.emulate (tests only)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

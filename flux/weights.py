@@ -15,8 +15,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader
+from torchtitan.config import TORCH_DTYPE_MAP
 
-SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float32")  # what weights are saved and sampled in
 
 
 class WeightsError(ValueError):
@@ -69,9 +70,9 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
 
 def save_safetensors(state: dict[str, Tensor], path: str | Path, dtype: str) -> None:
     """A FLUX.1-format file: the published names, one dtype, contiguous CPU tensors."""
-    if dtype not in SAVE_DTYPES:
-        raise WeightsError(f"dtype {dtype!r}: use {' or '.join(SAVE_DTYPES)}")
-    target = SAVE_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise WeightsError(f"dtype {dtype!r}: use {' or '.join(DTYPES)}")
+    target = TORCH_DTYPE_MAP[dtype]
     out = {k: v.detach().to("cpu", target).contiguous() for k, v in state.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata={"format": "pt"})

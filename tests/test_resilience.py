@@ -15,6 +15,8 @@ import pytest
 from flux.checkpoint import checkpoint_problem, latest_complete_step
 from tests.launch import Run, Training, run_train
 
+pytestmark = pytest.mark.e2e
+
 STEPS = 16
 ARGS = (
     "--debug.seed",

@@ -11,10 +11,16 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from flux.generate import grid_tiles
+from tests.caches import make_cache
 from tests.launch import Run, run_train
+
+pytestmark = pytest.mark.e2e
 
 COMMON = ("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size")
 VALIDATE = (
@@ -91,11 +97,12 @@ def test_metrics_reach_tensorboard(single) -> None:
         "lr",
         "images_per_s_per_rank",
         "throughput(tps)",
-        "mfu(%)",
         "validation_metrics/loss",
         "validation_metrics/loss_t0.06",
     ):
         assert tag in tags, sorted(tags)
+    # MFU against a GPU's peak FLOPs; the CPU has none to measure against
+    assert ("mfu(%)" in tags) == torch.cuda.is_available()
 
 
 def test_resumed_run_ends_with_the_same_losses(single, tmp_path) -> None:
@@ -182,3 +189,75 @@ def test_a_data_set_too_small_for_two_processes_stops_in_one_line(tmp_path) -> N
     assert run.returncode != 0
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert len(lines) == 1 and "is too small for 2 readers" in lines[0], run.output[-3000:]
+
+
+FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")
+ALL_GATHER = ("--quantize.linear.float8.enable_fsdp_float8_all_gather",)
+
+
+def test_a_float8_checkpoint_resumes_without_float8(tmp_path) -> None:
+    args = (
+        *("--debug.seed", "0", "--training.steps", "2", "--training.local_batch_size", "2"),
+        *("--validation.freq", "100", "--validation.steps", "1"),
+        *("--validation.sampling_steps", "1", "--checkpoint.enable"),
+        *("--checkpoint.interval", "2", *ALL_GATHER),
+        "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp",
+    )
+    first = run_train(tmp_path / "float8", *args, *FLOAT8, nproc=2)
+    assert first.returncode == 0, first.output[-3000:]
+    assert "Swapped to Float8Linear" in first.output
+    dump = tmp_path / "float32"
+    shutil.copytree(tmp_path / "float8" / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
+    later = ("--training.steps", "3", "--checkpoint.interval", "1")
+    second = run_train(dump, *args, *later)
+    assert second.returncode == 0, second.output[-3000:]
+    assert "Training starts at step 3" in second.output and "Float8" not in second.output
+    assert math.isfinite(second.losses[3])
+
+
+LEARNING_STEPS = 500
+LEARNING_SAMPLES = 2048
+
+
+def colour_shares(image: Image.Image) -> tuple[float, float]:
+    """(share of pixels that are saturated, share of those that are red)."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
+    saturated = (pixels.max(-1) - pixels.min(-1)) > 80
+    red = saturated & (r > 130) & (g < 100) & (b < 100)
+    return float(saturated.mean()), float(red.sum() / max(saturated.sum(), 1))
+
+
+@pytest.mark.slow
+def test_debug_model_learns_shapes_and_their_colours(tmp_path) -> None:
+    """The learning check: the debug model, trained on shapes on the CPU for a few hundred
+    steps through ./run_train.sh, lowers its validation loss clearly and samples red shapes
+    for "a red ..." prompts (and not for the others). It trains on a precomputed cache of
+    LEARNING_SAMPLES shapes (encoded once: the step then costs the transformer alone) and
+    validates on held-out shapes encoded online.
+
+    Measured (2-core CPU, online data, before the cache): validation loss 1.98 at step 1 ->
+    0.79 at step 600; the share of red among the saturated pixels was 0.8-0.99 for the red
+    prompts and <= 0.06 for the blue and green ones (step 400-600). Shapes and positions
+    need longer; colour comes first."""
+    cache = make_cache(tmp_path / "cache", LEARNING_SAMPLES)
+    run = run_train(
+        tmp_path,
+        *("--training.dataset", "precomputed", "--training.dataset_path", str(cache)),
+        *("--training.steps", str(LEARNING_STEPS), "--validation.freq", str(LEARNING_STEPS)),
+        *("--metrics.log_freq", "50", "--debug.seed", "0", "--training.local_batch_size", "32"),
+        *("--optimizer.lr", "2e-3", "--lr_scheduler.warmup_steps", "20"),
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    first, last = run.validation_losses[1], run.validation_losses[LEARNING_STEPS]
+    assert last < 0.6 * first, (first, last)
+
+    tiles = grid_tiles(str(tmp_path / "validation" / f"step_{LEARNING_STEPS:06d}.png"))
+    shares = {prompt: colour_shares(image) for prompt, image in tiles}
+    assert any(" red " in p for p in shares) and any(" red " not in p for p in shares)
+    for prompt, (saturated, red) in shares.items():
+        if " red " in prompt:
+            assert saturated > 0.1 and red > 0.6, shares
+        else:
+            assert red < 0.25, shares

@@ -31,7 +31,6 @@ of the config's data to a temporary folder and runs both, each in a process of i
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import io
 import json
@@ -46,7 +45,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -80,17 +79,21 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     ours = FluxModel(model_args).to(device)
     ours.init_weights()
-    theirs = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=model_args.in_channels,
-        num_layers=args.double,
-        num_single_layers=args.single,
-        attention_head_dim=head_dim,
-        num_attention_heads=args.heads,
-        joint_attention_dim=model_args.context_in_dim,
-        pooled_projection_dim=model_args.vec_in_dim,
-        guidance_embeds=False,
-        axes_dims_rope=tuple(model_args.axes_dim),
+    # diffusers' models are torch modules, which its type hints do not tell mypy
+    theirs = cast(
+        torch.nn.Module,
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=model_args.in_channels,
+            num_layers=args.double,
+            num_single_layers=args.single,
+            attention_head_dim=head_dim,
+            num_attention_heads=args.heads,
+            joint_attention_dim=model_args.context_in_dim,
+            pooled_projection_dim=model_args.vec_in_dim,
+            guidance_embeds=False,
+            axes_dims_rope=tuple(model_args.axes_dim),
+        ),
     ).to(device)
 
     side = int(args.img_tokens**0.5)  # a square image of img_tokens patches
@@ -295,13 +298,18 @@ def peak_rss_mib() -> float:
 
 def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, Any]:
     """Time the parts of training steps of a config, with or without a cache."""
+    from torchtitan.config import TORCH_DTYPE_MAP
     from torchtitan.tools.utils import get_peak_flops
 
-    from flux import build_flux_dataloader
     from flux.config import check_config, parse_config
-    from flux.flow import PRECOMPUTED, Encoded, FluxPreprocessor, flow_matching_loss
-    from flux.parallelize import DTYPES, apply_activation_checkpointing, apply_compile
+    from flux.flow import PRECOMPUTED, Encoded, flow_matching_loss
+    from flux.parallel.parallelize import (
+        apply_activation_checkpointing,
+        apply_compile,
+        compiles_model,
+    )
     from flux.sampling import Streams
+    from flux.train_spec import FluxTrainArgs, build_flux_dataloader, build_preprocessor
 
     job = parse_config(trainer_args)
     if args.cache is not None:
@@ -310,7 +318,7 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
     check_config(job, world_size=1)
     training = job.training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = copy.deepcopy(flux_configs[job.model.flavor])
+    model_args = FluxTrainArgs.of(flux_configs[job.model.flavor])
     model_args.update_from_config(job)
     torch.manual_seed(0)
     model = FluxModel(model_args).to(device)
@@ -319,7 +327,7 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         apply_activation_checkpointing(
             model, job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option
         )
-    if job.compile.enable and "model" in job.compile.components:
+    if compiles_model(job.compile):
         apply_compile(model, job.compile.backend)
     o = job.optimizer
     optimizer = getattr(torch.optim, o.name)(
@@ -331,9 +339,9 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         fused=o.implementation == "fused",
         foreach=o.implementation == "foreach",
     )
-    amp_dtype = DTYPES[training.mixed_precision_param]
+    amp_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
     amp = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    preprocess = FluxPreprocessor(job, model_args, device)
+    preprocess = build_preprocessor(job, model_args, device)
     batches = iter(build_flux_dataloader(1, 0, None, job))
 
     laps = Laps(device)
@@ -344,7 +352,7 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         batch = next(batches)
         laps.lap("data")
         streams = Streams.of(training.seed_data, step, batch["keys"], device)
-        txt, y = preprocess.encode_text(batch, preprocess.dropout_prob, streams)
+        txt, y = preprocess.encode_text(batch, preprocess.settings.dropout_prob, streams)
         laps.lap("text")
         latents = preprocess.encode_latents(batch, streams)
         laps.lap("latents")
@@ -493,11 +501,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "step":
-        from flux.config import PACKAGE_ROOT, config_file_arg
+        from flux.config import DEBUG_CONFIG, config_file_arg
 
         if config_file_arg(rest) is None:
-            default = PACKAGE_ROOT / "flux" / "train_configs" / "debug_model.toml"
-            rest = ["--job.config_file", str(default), *rest]
+            rest = ["--job.config_file", str(DEBUG_CONFIG), *rest]
         if args.compare and args.cache is not None:
             parser.error("--compare makes its own cache: leave out --cache")
         if args.compare:

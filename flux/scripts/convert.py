@@ -22,7 +22,7 @@ import torch
 
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.weights import SAVE_DTYPES, WeightsError, read_weights, save_dcp, save_safetensors
+from flux.weights import DTYPES, WeightsError, read_weights, save_dcp, save_safetensors
 
 
 def meta_model(flavor: str) -> FluxModel:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     to_flux = sub.add_parser("to-flux", help="trainer checkpoint -> FLUX.1 .safetensors")
     to_flux.add_argument("checkpoint", help="a checkpoint/step-N folder")
     to_flux.add_argument("out", help="the .safetensors file to write")
-    to_flux.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default="bfloat16")
+    to_flux.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     from_flux = sub.add_parser("from-flux", help="FLUX.1 .safetensors -> trainer checkpoint")
     from_flux.add_argument("weights", help="a FLUX.1-format .safetensors file")
     from_flux.add_argument("out", help="a new folder for the DCP checkpoint")

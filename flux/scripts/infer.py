@@ -20,16 +20,16 @@ import sys
 from pathlib import Path
 
 import torch
+from torchtitan.config import TORCH_DTYPE_MAP
 
 from flux.config import resolve_path
 from flux.generate import SampleSettings, generate, to_pil
 from flux.model.args import flux_configs
 from flux.model.autoencoder import load_ae
 from flux.model.model import FluxModel
-from flux.model.text_encoders import TextEncoder
-from flux.weights import load_weights
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
+from flux.sampling import check_image_size
+from flux.weights import DTYPES, load_weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip", default="clip-debug", help="CLIP hub id, local folder or clip-debug")
     p.add_argument("--max_t5_len", type=int, default=None, help="default: the flavor's")
     p.add_argument("--autoencoder", default="flux/assets/autoencoder-debug/ae.safetensors")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -74,16 +74,15 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(args)
-    if args.size % 16 or args.size < 16:
-        raise ValueError(f"--size {args.size}: use a positive multiple of 16")
+    check_image_size(args.size, "--size")
     model_args = flux_configs[args.flavor]
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), TORCH_DTYPE_MAP[args.dtype]
     model = FluxModel(model_args)
     load_weights(args.checkpoint, model)
     model = model.to(device, dtype).eval()
     max_len = args.max_t5_len or model_args.txt_seq_len
     t5 = TextEncoder("t5", args.t5, max_len, dtype).to(device)
-    clip = TextEncoder("clip", args.clip, 77, dtype).to(device)
+    clip = TextEncoder("clip", args.clip, CLIP_MAX_LENGTH, dtype).to(device)
     ae_path = resolve_path(args.autoencoder)
     ae = load_ae(ae_path, model_args.autoencoder_params, device).to(dtype)
     out = Path(args.out)

@@ -42,6 +42,7 @@ def checkpoint(tmp_path_factory) -> Path:
     return dump / "checkpoint" / "step-1"  # a full checkpoint (optimizer and all)
 
 
+@pytest.mark.e2e
 def test_export_import_round_trip_is_bit_exact(checkpoint, tmp_path) -> None:
     first = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(first), "--dtype", "float32"])
@@ -54,6 +55,7 @@ def test_export_import_round_trip_is_bit_exact(checkpoint, tmp_path) -> None:
     assert not all(torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "final" in k)
 
 
+@pytest.mark.e2e
 def test_bfloat16_export_keeps_the_published_names(checkpoint, tmp_path) -> None:
     out = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(out)])
@@ -62,6 +64,7 @@ def test_bfloat16_export_keeps_the_published_names(checkpoint, tmp_path) -> None
     assert "double_blocks.0.img_attn.qkv.weight" in state and "final_layer.linear.weight" in state
 
 
+@pytest.mark.e2e
 def test_exported_file_gives_diffusers_the_same_output(checkpoint, tmp_path) -> None:
     out = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(out), "--dtype", "float32"])
@@ -76,6 +79,7 @@ def test_exported_file_gives_diffusers_the_same_output(checkpoint, tmp_path) -> 
     assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
+@pytest.mark.e2e
 def test_imported_file_starts_a_training_run(tmp_path) -> None:
     model = FluxModel(ARGS)
     randomize(model, seed=3)
@@ -104,6 +108,7 @@ def test_imported_file_starts_a_training_run(tmp_path) -> None:
     assert all(torch.equal(out[k], original[k].to(torch.bfloat16)) for k in original)
 
 
+@pytest.mark.e2e
 def test_inference_writes_pngs_with_metadata_independent_of_batch_size(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{RED}\n\na small blue square at the top left on a black background\n")
@@ -125,6 +130,7 @@ def test_inference_writes_pngs_with_metadata_independent_of_batch_size(checkpoin
         assert np.abs(a - b).max() <= 2
 
 
+@pytest.mark.e2e
 def test_inference_from_a_safetensors_file(checkpoint, tmp_path) -> None:
     weights = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(weights), "--dtype", "float32"])
@@ -149,6 +155,7 @@ def test_inference_errors_are_one_line(tmp_path, capsys, make, expected) -> None
     assert err.startswith("infer: error:") and expected in err and "\n" not in err
 
 
+@pytest.mark.e2e
 def test_weights_of_another_flavor_are_refused(checkpoint, tmp_path, capsys) -> None:
     copy = tmp_path / "ckpt"
     shutil.copytree(checkpoint, copy)

@@ -1,6 +1,7 @@
-"""One rank of a tensor-parallel check, run by tests/test_tensor_parallel.py under torchrun:
+"""One rank of a tensor-parallel check, run by tests/parallel/test_tensor_parallel.py under
+torchrun:
 
-    torchrun --nproc_per_node N -m tests.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
+    torchrun --nproc_per_node N -m tests.parallel.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
         [--compile]
 
 The debug model parallelized with TP and CP (and FSDP over the other N / TP ranks, the
@@ -23,23 +24,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import ModelWrapper
+from torchtitan.distributed import ParallelDims
+from torchtitan.protocols.model_converter import build_model_converters
 
-from flux.context_parallel import apply_context_parallel, shard_sequence
+from flux.checkpoint import plain_layout
+from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, parse_config
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallelize import (
-    apply_compile,
-    apply_fsdp,
-    flux_named_parameters,
-    init_on_cpu_as_one_process,
-)
+from flux.parallel.context_parallel import apply_context_parallel, shard_sequence
+from flux.parallel.parallelize import apply_compile, apply_fsdp, flux_named_parameters
+from flux.parallel.tensor_parallel import apply_tensor_parallel
 from flux.sampling import image_ids, text_ids
-from flux.tensor_parallel import apply_tensor_parallel, plain_layout
+from flux.train_spec import FluxTrainModel
 
 BATCH, IMG_TOKENS, TXT_TOKENS = 4, 16, 8
+SCHNELL = str(PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_model.toml")
+FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")
 
 
 def model_and_batch() -> tuple[FluxModel, dict[str, torch.Tensor]]:
@@ -62,6 +66,17 @@ def model_and_batch() -> tuple[FluxModel, dict[str, torch.Tensor]]:
     if args.guidance_embed:
         batch["guidance"] = torch.full((BATCH,), 3.5)
     return model, batch
+
+
+def converted(model: nn.Module, *args: str) -> nn.Module:
+    """The model after torchtitan's converters of the debug config with these arguments,
+    and the full-size configs' filter (which layers stay in high precision)."""
+    shipped = parse_config(["--job.config_file", SCHNELL]).quantize.linear.float8.filter_fqns
+    job = parse_config(["--job.config_file", str(DEBUG_CONFIG), *FLOAT8, *args])
+    job.quantize.linear.float8.filter_fqns = shipped
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    build_model_converters(job, dims).convert(model)
+    return model
 
 
 def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -126,8 +141,6 @@ def main() -> None:
     reference, batch = model_and_batch()
     float32 = copy.deepcopy(reference)
     if args.float8:
-        from tests.test_float8 import converted
-
         converted(reference)  # the parallel copy is of the float8 model
     parallel = copy.deepcopy(reference)
     parallelize(parallel)
@@ -195,9 +208,8 @@ def main() -> None:
     # starts from the weights one process would.
     torch.manual_seed(0)
     with torch.device("meta"):
-        fresh = FluxModel(flux_configs["flux-debug"])
+        fresh = FluxTrainModel(flux_configs["flux-debug"])
     parallelize(fresh)
-    init_on_cpu_as_one_process(fresh)
     fresh.to_empty(device="cpu")
     fresh.init_weights()
     torch.manual_seed(0)

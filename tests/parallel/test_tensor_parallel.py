@@ -15,6 +15,8 @@ import pytest
 
 from tests.launch import ROOT, run_train
 
+pytestmark = pytest.mark.e2e
+
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
 
@@ -22,7 +24,7 @@ def worker(tmp_path: Path, nproc: int, *args: str) -> dict:
     out = tmp_path / "out.json"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-        *("-m", "tests.tp_worker", str(out), str(tmp_path), *args),
+        *("-m", "tests.parallel.tp_worker", str(out), str(tmp_path), *args),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

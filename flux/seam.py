@@ -1,0 +1,296 @@
+"""The one seam between flux and the internals of torchtitan 0.2.2, torch and torchao.
+
+Everything flux changes in, or reads from, code that is not its own public API is here,
+installed from one place (`install`, called by flux.train before the trainer is built),
+each with what the library lacks that makes it necessary. PINNED lists the private
+signatures this module relies on; tests/test_seam.py checks them and the versions, so an
+upgrade fails there, loudly, rather than in a run.
+
+- A machine without an accelerator: torchtitan copies `device_type` and `device_module`
+  (torch.cuda) into several modules at import and calls CUDA-only functions (set_device,
+  memory statistics). `install` points them at a CPU stand-in; torchtitan then picks gloo.
+- The checkpointer: torchtitan builds its CheckpointManager inside Trainer.__init__ and
+  offers no hook for which step to resume from, what to check before a load, the layout of
+  what is saved, or when to save. `install` has the trainer build flux.checkpoint's
+  subclass instead, which overrides those methods (dcp_load, dcp_save, _find_load_step,
+  _should_save).
+- Restarts under torchrun: torchrun keeps its key-value store across restart attempts and
+  torchtitan calls init_process_group without a store, so a new attempt could read the
+  addresses the killed one left there. From the second attempt on, init_process_group is
+  given torchrun's store under a prefix of the attempt.
+- Configuration: torchtitan merges a custom config module into its JobConfig with a
+  private function; flux reads the merged class to check TOML files before torchtitan does.
+- Tensor parallelism keeps FLUX.1's fused layouts as torch's private `_StridedShard`
+  placement, and runs a torchao Float8Linear's matmul on local shards through torchao's
+  `matmul_with_hp_or_float8_args` (torchao has no public function for it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+import resource
+import warnings
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+StridedShard = _StridedShard  # tensor parallelism's strided rows (flux.parallel.tensor_parallel)
+
+VERSIONS = {"torchtitan": "0.2.2"}
+
+# Private functions flux overrides or calls, with the parameters it was written against.
+PINNED = {
+    "torchtitan.components.checkpoint.CheckpointManager.dcp_load": (
+        "(self, state_dict, checkpoint_id, from_hf, from_quantized)"
+    ),
+    "torchtitan.components.checkpoint.CheckpointManager.dcp_save": (
+        "(self, state_dict, checkpoint_id, async_mode, enable_garbage_collection=False, "
+        "to_hf=False)"
+    ),
+    "torchtitan.components.checkpoint.CheckpointManager._find_load_step": "(self, folder='')",
+    "torchtitan.components.checkpoint.CheckpointManager._should_save": (
+        "(self, curr_step, last_step=False)"
+    ),
+    "torchtitan.components.checkpoint.CheckpointManager._async_wait": "(self)",
+    "torchtitan.config.manager.ConfigManager._merge_configs": "(base, custom)",
+    "torch.distributed.tensor.placement_types._StridedShard.__init__": (
+        "(self, dim, *, split_factor=1, sf=None)"
+    ),
+    "torchao.float8.float8_linear.matmul_with_hp_or_float8_args.forward": (
+        "(ctx, input_hp, weight_hp_t, linear_mm_config, config)"
+    ),
+}
+
+# Modules of torchtitan that copy device_type / device_module at import.
+DEVICE_MODULES = (
+    "torchtitan.tools.utils",
+    "torchtitan.components.metrics",
+    "torchtitan.distributed.parallel_dims",
+    "torchtitan.distributed.utils",
+    "torchtitan.tools.profiling",
+)
+
+
+def resolve(dotted: str) -> Any:
+    """The object a dotted name (module path, then attributes) names."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: Any = __import__(".".join(parts[:i]), fromlist=["_"])
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def signature(dotted: str) -> str:
+    """The parameters of a function, without annotations: "(self, folder='')"."""
+    sig = inspect.signature(resolve(dotted))
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+
+# -- a machine without an accelerator ------------------------------------------------------
+def _total_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+class CpuDeviceModule:
+    """What torchtitan asks of torch.cuda, answered for the CPU."""
+
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    @staticmethod
+    def set_device(device: Any) -> None:
+        pass
+
+    @staticmethod
+    def current_device() -> int:
+        return 0
+
+    @staticmethod
+    def device_count() -> int:
+        return 1
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        pass
+
+    @staticmethod
+    def empty_cache() -> None:
+        pass
+
+    @staticmethod
+    def get_device_name(device: Any = None) -> str:
+        return "CPU"
+
+    @staticmethod
+    def get_device_properties(device: Any = None) -> SimpleNamespace:
+        return SimpleNamespace(total_memory=_total_memory_bytes(), name="CPU")
+
+    @staticmethod
+    def reset_peak_memory_stats(device: Any = None) -> None:
+        pass
+
+    @staticmethod
+    def memory_stats(device: Any = None) -> dict[str, int]:
+        # Peak resident set size of this process (Linux reports KiB) stands in for the
+        # allocator's peak; there are no allocator retries or OOMs to report.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {
+            "active_bytes.all.peak": peak,
+            "reserved_bytes.all.peak": peak,
+            "num_alloc_retries": 0,
+            "num_ooms": 0,
+        }
+
+
+def has_accelerator() -> bool:
+    return torch.accelerator.is_available()
+
+
+def use_cpu_if_no_accelerator() -> str:
+    """Point torchtitan at the CPU when there is no accelerator; returns the device type."""
+    if has_accelerator():
+        return torch.accelerator.current_accelerator().type  # type: ignore[union-attr]
+    cpu = CpuDeviceModule()
+    for name in DEVICE_MODULES:
+        module = __import__(name, fromlist=["_"])
+        if hasattr(module, "device_type"):
+            setattr(module, "device_type", "cpu")  # noqa: B010 (module attributes)
+        if hasattr(module, "device_module"):
+            setattr(module, "device_module", cpu)  # noqa: B010
+    return "cpu"
+
+
+# -- restarts under torchrun ---------------------------------------------------------------
+_init_process_group = dist.init_process_group
+
+
+def init_process_group_of_this_attempt(*args: Any, **kwargs: Any) -> None:
+    """init_process_group on torchrun's store under a prefix of this restart attempt (from
+    the second attempt on; the first one is left as torchrun sets it up)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        _init_process_group(*args, **kwargs)
+        return
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=kwargs.get("timeout") or timedelta(minutes=10),
+    )
+    kwargs |= {
+        "store": dist.PrefixStore(f"flux/attempt_{attempt}/", store),
+        "rank": int(os.environ["RANK"]),
+        "world_size": world_size,
+    }
+    _init_process_group(*args, **kwargs)
+
+
+# -- configuration -------------------------------------------------------------------------
+def merged_config_class(custom: type) -> type:
+    """torchtitan's JobConfig class with the fields of `custom` merged in, as torchtitan
+    merges `job.custom_config_module`."""
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager._merge_configs(ConfigManager().config_cls, custom)
+
+
+# -- tensor parallelism in float8 ----------------------------------------------------------
+def float8_matmul(x: Tensor, weight: Tensor, linear_mm_config: Any, config: Any) -> Tensor:
+    """x @ weight.T as a torchao Float8Linear computes it, on whatever tensors it gets
+    (its tensorwise scales then come from those tensors)."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+
+    return matmul_with_hp_or_float8_args.apply(x, weight.t(), linear_mm_config, config)
+
+
+# -- a first screen without noise ---------------------------------------------------------
+# What the libraries print that a user cannot act on: (logger, message start) pairs, and
+# Python warnings by message.
+QUIET_LOGS = {
+    "cpu": [
+        ("root", "Error running lspci"),  # torchtitan looks for H100s with lspci
+        ("root", "Peak flops undefined for: CPU"),  # MFU is not shown on the CPU
+        ("root", "Peak FLOPS used for computing MFU"),
+    ],
+    "any": [
+        ("root", "ENV[TORCH_NCCL_ASYNC_ERROR_HANDLING]"),  # torchtitan sets its own value
+    ],
+}
+QUIET_LOGGERS_ON_CPU = (
+    "torchao",  # its CUDA kernels cannot load on a machine without CUDA
+    "torch.utils._pytree",  # torchao registers enums the way torch now deprecates
+)
+QUIET_WARNINGS = (
+    "'set_vital' is deprecated",  # torchdata's own call into torch
+    "In CPU autocast, but the target dtype is not supported",  # float32 "mixed" precision
+    "`torch.jit.script_method` is deprecated",  # transformers' T5 on import
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: list[str]):
+        super().__init__()
+        self.starts = tuple(starts)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet(device_type: str) -> None:
+    """Keep out of the log what the libraries print that a user cannot act on."""
+    drops: dict[str, list[str]] = {}
+    for name, start in QUIET_LOGS["any"] + (QUIET_LOGS["cpu"] if device_type == "cpu" else []):
+        drops.setdefault(name, []).append(start)
+    for name, starts in drops.items():
+        target = logging.getLogger() if name == "root" else logging.getLogger(name)
+        target.addFilter(_DropMessages(starts))
+    if device_type == "cpu":
+        for name in QUIET_LOGGERS_ON_CPU:
+            logging.getLogger(name).setLevel(logging.ERROR)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(message))
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" bars of tiny encoders
+    except ImportError:
+        pass
+
+
+# -- installation --------------------------------------------------------------------------
+_installed: list[str] = []  # the device type, once installed
+
+
+def install() -> str:
+    """Install every adaptation (once per process); returns the device type."""
+    import torchtitan.train
+
+    from flux.checkpoint import FluxCheckpointManager
+
+    if not _installed:
+        device_type = use_cpu_if_no_accelerator()
+        quiet(device_type)
+        torchtitan.train.CheckpointManager = FluxCheckpointManager  # type: ignore[misc]
+        dist.init_process_group = init_process_group_of_this_attempt
+        _installed.append(device_type)
+    return _installed[0]
