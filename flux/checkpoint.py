@@ -50,6 +50,7 @@ from flux.data.dataloader import CaptionedImageLoader
 from flux.seam import StridedShard
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
+EMA = "ema"  # flux.ema's average of the weights, in runs with [ema] enabled
 HF_INDEX = "model.safetensors.index.json"  # torchtitan's other format (last_save_in_hf)
 
 
@@ -170,7 +171,8 @@ class FluxCheckpointManager(CheckpointManager):
 
     def check_before_load(self, state_dict: dict[str, Any], checkpoint_id: str) -> None:
         """Refuse an incomplete checkpoint, another model's, or a model-only one for a
-        resume; tell the loader which of its entries the checkpoint holds."""
+        resume; tell the loader which of its entries the checkpoint holds; leave out an EMA
+        the checkpoint lacks."""
         problem = checkpoint_problem(checkpoint_id)
         if problem is not None:
             raise CheckpointError(
@@ -189,6 +191,9 @@ class FluxCheckpointManager(CheckpointManager):
                 f"--checkpoint.initial_load_path {checkpoint_id}; to resume, keep full "
                 "checkpoints (last_save_model_only = false)"
             )
+        if EMA in state_dict and EMA not in saved_groups:  # saved by a run without [ema]
+            logger.warning(f"{checkpoint_id} holds no EMA: the average starts from its weights")
+            del state_dict[EMA]
         prefix = f"{DATALOADER}."
         saved = [k[len(prefix) :] for k in entries if k.startswith(prefix)]
         loader = self.states.get(DATALOADER)

@@ -158,6 +158,7 @@ def check_config(
     parallelism=False leaves out the parallel degrees (precompute runs processes of its own)."""
     check_model(job_config)
     check_training(job_config)
+    check_ema(job_config)
     check_data(job_config)
     training, encoder = job_config.training, job_config.encoder
     img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
@@ -188,6 +189,16 @@ def check_training(job_config: JobConfig) -> None:
             f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
             "(the non-finite steps in a row that stop the run)"
         )
+
+
+def check_ema(job_config: JobConfig) -> None:
+    ema = job_config.ema
+    if not 0 <= ema.decay < 1:
+        raise ConfigError(f"ema.decay = {ema.decay}: use a value in [0, 1), e.g. 0.9999")
+    if ema.update_every < 1:
+        raise ConfigError(f"ema.update_every = {ema.update_every}: use 1 or more (steps)")
+    if ema.start_step < 0:
+        raise ConfigError(f"ema.start_step = {ema.start_step}: use 0 or more (a training step)")
 
 
 def check_data(job_config: JobConfig) -> None:

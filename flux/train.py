@@ -11,7 +11,8 @@ differ, and a resumed run, with gradient accumulation or on another world size, 
 each sample exactly what the unbroken run drew.
 
 A step whose loss or gradients are not finite is not applied; SIGTERM/SIGUSR1 stop the run
-after the current step with a checkpoint (flux.resilience).
+after the current step with a checkpoint (flux.resilience). With [ema], each applied step
+may update an average of the weights (flux.ema), checkpointed and validated with them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torchtitan.train import Trainer
 from flux import seam
 from flux.checkpoint import CheckpointError, FluxCheckpointManager
 from flux.config import ConfigError, check_config, parse_config
+from flux.ema import EMA, build_average
 from flux.flow import FlowBatch, flow_matching_loss
 from flux.parallel.context_parallel import shard_sequence
 from flux.resilience import (
@@ -44,7 +46,7 @@ from flux.resilience import (
     write_requeue_file,
 )
 from flux.sampling import Streams
-from flux.train_spec import build_preprocessor
+from flux.train_spec import build_preprocessor, ema_settings
 from flux.validate import FluxValidator
 
 
@@ -65,6 +67,9 @@ class FluxTrainer(Trainer):
         self.preprocess = build_preprocessor(job_config, self.model_args, self.device)
         assert isinstance(self.checkpointer, FluxCheckpointManager), "flux.seam.install"
         self.checkpointer.attach(self.save_now, plain_layouts=self.parallel_dims.tp_enabled)
+        self.ema = build_average(self.model_parts[0], ema_settings(job_config))
+        if self.ema is not None:
+            self.checkpointer.states[EMA] = self.ema  # saved, loaded and resharded by DCP
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.images_since_log = 0
@@ -72,7 +77,7 @@ class FluxTrainer(Trainer):
         if job_config.validation.enable:
             assert isinstance(self.validator, FluxValidator)
             self.flux_validator = self.validator
-            self.flux_validator.attach(self.preprocess, self.device)
+            self.flux_validator.attach(self.preprocess, self.device, self.ema)
 
     def batch_generator(self, data_iterable: Iterable[Any]) -> Iterator[dict[str, Any]]:
         """Batches of {"images", "captions", "keys"}; counts tokens and loading time."""
@@ -123,6 +128,8 @@ class FluxTrainer(Trainer):
         except NonFiniteLossError as e:
             self.stop_error = e
             return
+        if self.ema is not None and not self.nonfinite.in_streak:  # the step was applied
+            self.ema.update(self.step)
         if self.preempted:
             why = self.stop_signals.received or "a signal to another rank"
             logger.warning(f"step {self.step}: stopping for {why}; saving a checkpoint")

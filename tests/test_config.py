@@ -147,3 +147,15 @@ def test_run_train_sh_prints_the_error_as_one_line_and_exits_2(tmp_path) -> None
     assert len(lines) == 1 and "unknown model.flavor 'flux-pro'" in lines[0]
     assert "Traceback" not in run.output
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--ema.decay", "1"), "ema.decay = 1.0: use a value in [0, 1)"),
+        (("--ema.update_every", "0"), "ema.update_every = 0: use 1 or more"),
+        (("--ema.start_step", "-1"), "ema.start_step = -1: use 0 or more"),
+    ],
+)
+def test_ema_settings_out_of_range(args: tuple[str, ...], expected: str) -> None:
+    assert expected in refused("--ema.enable", *args)

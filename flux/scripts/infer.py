@@ -8,8 +8,10 @@
         --schedule schnell --cfg_scale 1 --prompts_file prompts.txt
 
 --checkpoint is a trainer checkpoint folder (checkpoint/step-N, saved on any number of
-processes) or a FLUX.1-format .safetensors file. Image i of a run uses seed --seed + i, so
-a prompt's image does not depend on the batch size. Files: <out>/<index>_<seed>.png.
+processes) or a FLUX.1-format .safetensors file. From a checkpoint of a run that kept an
+average of the weights ([ema] enable), the average is sampled (--no-ema: the weights).
+Image i of a run uses seed --seed + i, so a prompt's image does not depend on the batch
+size. Files: <out>/<index>_<seed>.png.
 """
 
 from __future__ import annotations
@@ -29,13 +31,19 @@ from flux.model.autoencoder import load_ae
 from flux.model.model import FluxModel
 from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
 from flux.sampling import check_image_size
-from flux.weights import DTYPES, load_weights
+from flux.weights import DTYPES, holds_average, load_weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint/step-N folder or .safetensors")
     p.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample the checkpoint's average of the weights (default: when it holds one)",
+    )
     p.add_argument("--prompts", nargs="*", default=[], help="prompts (or --prompts_file)")
     p.add_argument("--prompts_file", help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs/images", help="folder the PNGs are written to")
@@ -78,7 +86,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     model_args = flux_configs[args.flavor]
     device, dtype = torch.device(args.device), TORCH_DTYPE_MAP[args.dtype]
     model = FluxModel(model_args)
-    load_weights(args.checkpoint, model)
+    if args.ema is None:
+        args.ema = holds_average(args.checkpoint)
+    load_weights(args.checkpoint, model, average=args.ema)
+    print(f"sampling {'the average of the weights (EMA)' if args.ema else 'the weights'}")
     model = model.to(device, dtype).eval()
     max_len = args.max_t5_len or model_args.txt_seq_len
     t5 = TextEncoder("t5", args.t5, max_len, dtype).to(device)
@@ -117,6 +128,7 @@ def png_info(prompt: str, seed: int, args: argparse.Namespace):
     settings = {
         "flavor": args.flavor,
         "checkpoint": str(args.checkpoint),
+        "weights": "ema" if args.ema else "raw",
         "size": args.size,
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
