@@ -9,6 +9,9 @@
     python -m flux.scripts.benchmark step [--steps 10 --warmup 3] [--cache DIR | --compare]
                                           [--json] [trainer arguments]
 
+    python -m flux.scripts.benchmark ema [--flavor flux-debug | --hidden 1024 --heads 8
+                                          --double 4 --single 8] [--updates 10 --json]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
@@ -22,6 +25,9 @@ torchtitan knows the peak of) and peak memory (CUDA's max allocated; on the CPU 
 process's peak RSS). --cache DIR trains on a precomputed cache; --compare precomputes one
 of the config's data to a temporary folder and runs both, each in a process of its own
 (so each peak RSS is its own).
+`ema`: what keeping an average of the weights (flux.ema) costs one process per update
+and per validation swap, with the average beside the weights and in host memory
+(cpu_offload; on a machine without a GPU both are host memory).
 """
 
 from __future__ import annotations
@@ -392,6 +398,63 @@ def step_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def bench_ema(args: argparse.Namespace) -> dict[str, Any]:
+    """Milliseconds per update of the average and per swap in and out, median of
+    args.updates, without and with cpu_offload, for a flavor or the given dimensions."""
+    from flux.ema import EmaSettings, WeightAverage
+
+    model_args = flux_configs[args.flavor]
+    if args.hidden:
+        head_dim = args.hidden // args.heads
+        rope_t = head_dim // 8
+        model_args = dataclasses.replace(
+            model_args,
+            hidden_size=args.hidden,
+            num_heads=args.heads,
+            depth=args.double,
+            depth_single_blocks=args.single,
+            axes_dim=(rope_t, (head_dim - rope_t) // 2, (head_dim - rope_t) // 2),
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device("meta"):
+        model = FluxModel(model_args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)  # any values: the update's cost does not depend on them
+    params = sum(p.numel() for p in model.parameters())
+
+    def timed(action: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        action()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def measure(offload: bool) -> dict[str, float]:
+        average = WeightAverage(model, EmaSettings(decay=0.9999, cpu_offload=offload))
+        average.update(1)  # the first update copies; the timed ones average
+
+        def swap() -> None:
+            with average.swapped_in():
+                pass
+
+        updates = [timed(lambda: average.update(2)) for _ in range(args.updates)]
+        swaps = [timed(swap) for _ in range(max(1, args.updates // 2))]
+        return {
+            "update_ms": statistics.median(updates),
+            "swap_in_and_out_ms": statistics.median(swaps),
+        }
+
+    result: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
+    result |= {"parameters": params, "average_mib": params * 4 / 2**20}
+    result["beside_weights"] = measure(offload=False)
+    result["cpu_offload"] = measure(offload=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -426,6 +489,14 @@ def main(argv: list[str] | None = None) -> None:
         "--compare", action="store_true", help="precompute a temporary cache; run both"
     )
     step.add_argument("--json", action="store_true", help="print JSON")
+    ema = sub.add_parser("ema", help="cost of the average of the weights (EMA) per update")
+    ema.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+    ema.add_argument("--hidden", type=int, default=0, help="other dimensions than the flavor's")
+    ema.add_argument("--heads", type=int, default=8)
+    ema.add_argument("--double", type=int, default=4)
+    ema.add_argument("--single", type=int, default=8)
+    ema.add_argument("--updates", type=int, default=10, help="timed updates")
+    ema.add_argument("--json", action="store_true", help="print one JSON object")
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "step":
@@ -447,6 +518,22 @@ def main(argv: list[str] | None = None) -> None:
             if args.json
             else step_table(results)
         )
+        return
+    if args.command == "ema":
+        result = bench_ema(args)
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(
+            f"{result['parameters'] / 1e6:.1f}M parameters ({result['average_mib']:.0f} MiB "
+            f"average) on {result['device']}, {result['threads']} threads"
+        )
+        for key in ("beside_weights", "cpu_offload"):
+            r = result[key]
+            print(
+                f"{key:15} update {r['update_ms']:9.2f} ms   "
+                f"swap in and out {r['swap_in_and_out_ms']:9.2f} ms"
+            )
         return
     if args.command == "data":
         result = bench_data(args)
