@@ -16,8 +16,8 @@ the last k/9 of them, until the ramp reaches `decay` (k ≈ 90,000 for 0.9999).
 Each rank averages the shards it holds (FSDP's and tensor parallelism's parameters are
 DTensors; `.to_local()`): the update is elementwise and needs no communication. The average
 is float32 whatever the training dtype, 4 bytes per parameter of a rank's shards, in device
-memory or, with cpu_offload, in host memory (the update then copies the weights to the host
-and averages there).
+memory or, with cpu_offload, in host memory (the update then copies the weights to the host,
+through a reused buffer of STAGING_BYTES, and averages there).
 
 Checkpoints: a WeightAverage is a Stateful under "ema" in torchtitan's checkpointer, so DCP
 saves it beside the model as `ema.<parameter name>` (global tensors in the parameters'
@@ -96,6 +96,14 @@ class WeightAverage(Stateful):
         self.params = dict(flux_named_parameters(model))
         self.average = {name: self._copy(local(p).detach()) for name, p in self.params.items()}
         self.updates = 0  # made so far; 0: the average has not started
+        self.staging: Tensor | None = None  # cpu_offload: where the weights land, reused
+
+    def _buffer(self, numel: int) -> Tensor:
+        """A float32 buffer beside the average (pinned if the weights are on a GPU)."""
+        first = next(iter(self.params.values()))
+        device = next(iter(self.average.values())).device
+        pinned = device.type == "cpu" and local(first).device.type == "cuda"
+        return torch.empty(numel, dtype=torch.float32, device=device, pin_memory=pinned)
 
     def _copy(self, weights: Tensor) -> Tensor:
         host = self.settings.cpu_offload
@@ -123,38 +131,49 @@ class WeightAverage(Stateful):
         return True
 
     def _groups(self) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-        """(averages, the weights as float32 beside them): all at once where they are on
-        one device; from another device (cpu_offload), STAGING_BYTES of weights at a time."""
+        """(averages, the weights as float32 beside them): all at once; with cpu_offload,
+        copied into a reused host buffer STAGING_BYTES (or one tensor) at a time."""
         names = list(self.average)
-        moved = [n for n in names if self.average[n].device != local(self.params[n]).device]
-        groups: list[list[str]] = [[]]
-        size = 0
-        for name in names:
-            if size >= STAGING_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append(name)
-            size += self.average[name].nbytes if moved else 0
-        for group in groups:
-            averages = [self.average[n] for n in group]
-            weights = [local(self.params[n]).detach() for n in group]
-            if moved:
-                weights = [w.to(averages[0].device, non_blocking=True) for w in weights]
-                if torch.cuda.is_available():
-                    torch.cuda.current_stream().synchronize()
-            yield averages, [w if w.dtype == torch.float32 else w.float() for w in weights]
+        weights = {n: local(self.params[n]).detach() for n in names}
+        if not self.settings.cpu_offload:
+            averages = [self.average[n] for n in names]
+            yield averages, [w if w.dtype == torch.float32 else w.float() for w in weights.values()]
+            return
+        if self.staging is None:
+            largest = max(t.numel() for t in self.average.values())
+            self.staging = self._buffer(max(STAGING_BYTES // 4, largest))
+        group: list[str] = []
+        used = 0
+        for i, name in enumerate(names):
+            group.append(name)
+            used += weights[name].numel()
+            after = weights[names[i + 1]].numel() if i + 1 < len(names) else None
+            if after is not None and used + after <= self.staging.numel():
+                continue
+            staged, offset = [], 0
+            for n in group:
+                w = weights[n]
+                view = self.staging[offset : offset + w.numel()].view(w.shape)
+                staged.append(view.copy_(w, non_blocking=True))
+                offset += w.numel()
+            if any(weights[n].device.type == "cuda" for n in group):
+                torch.cuda.current_stream().synchronize()  # the copies have landed
+            yield [self.average[n] for n in group], staged
+            group, used = [], 0
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """The model holds the average for the duration (in its parameters' dtype) and its
-        own weights after, exactly. float32 parameters trade places with the average (no
-        extra memory); others are kept aside, on the average's device."""
+        own weights after, exactly. float32 parameters trade places with the average (one
+        tensor's buffer); others are kept aside, on the average's device."""
         held: dict[str, Tensor] = {}
+        traded = [n for n, a in self.average.items() if local(self.params[n]).dtype == a.dtype]
+        scratch = self._buffer(max((self.average[n].numel() for n in traded), default=0))
         with torch.no_grad():
             for name, average in self.average.items():
                 weights = local(self.params[name])
-                if weights.dtype == average.dtype:
-                    _trade(weights, average)
+                if name in traded:
+                    _trade(weights, average, scratch)
                 else:
                     held[name] = weights.to(average.device, copy=True)
                     weights.copy_(average)
@@ -167,7 +186,7 @@ class WeightAverage(Stateful):
                     if name in held:
                         weights.copy_(held[name])
                     else:
-                        _trade(weights, average)
+                        _trade(weights, average, scratch)
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -203,9 +222,9 @@ class WeightAverage(Stateful):
         self.updates = int(state_dict[UPDATES])
 
 
-def _trade(a: Tensor, b: Tensor) -> None:
-    """a and b (of one shape and dtype) exchange values."""
-    held = a.to(b.device, copy=True)
+def _trade(a: Tensor, b: Tensor, scratch: Tensor) -> None:
+    """a and b (of one shape and dtype) exchange values, through scratch (beside b)."""
+    held = scratch[: a.numel()].view(a.shape).copy_(a)
     a.copy_(b)
     b.copy_(held)
 

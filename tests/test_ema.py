@@ -5,6 +5,7 @@ tests/test_resilience.py and tests/scripts/test_infer_convert.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 
@@ -52,10 +53,20 @@ def reference_average(weights: list[dict[str, torch.Tensor]], steps: list[int], 
 
 
 @pytest.mark.parametrize(
-    "warmup, dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)]
+    "warmup, dtype, offload",
+    [
+        (True, torch.float32, False),
+        (False, torch.float32, False),
+        (True, torch.bfloat16, False),
+        (True, torch.bfloat16, True),  # through the host buffer, a few tensors at a time
+    ],
 )
-def test_the_average_follows_a_plain_reference(warmup: bool, dtype: torch.dtype) -> None:
+def test_the_average_follows_a_plain_reference(
+    warmup: bool, dtype: torch.dtype, offload: bool, monkeypatch
+) -> None:
+    monkeypatch.setattr("flux.ema.STAGING_BYTES", 2**18)  # the debug model's: 2 MiB
     settings = EmaSettings(decay=0.8, warmup=warmup, update_every=2, start_step=3)
+    settings = dataclasses.replace(settings, cpu_offload=offload)
     m = model(dtype=dtype)
     average = WeightAverage(m, settings)
     steps, weights = list(range(1, 13)), []
@@ -80,10 +91,10 @@ def test_the_first_update_copies_the_weights_and_the_warmup_ramps_the_decay() ->
     assert EmaSettings(decay=0.9999, warmup=False).decay_at(1) == 0.9999
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_validation_swaps_the_average_in_and_the_weights_back_exactly(dtype) -> None:
+@pytest.mark.parametrize("dtype, offload", [(torch.float32, False), (torch.bfloat16, True)])
+def test_validation_swaps_the_average_in_and_the_weights_back_exactly(dtype, offload) -> None:
     m = model(dtype=dtype)
-    average = WeightAverage(m, EmaSettings(decay=0.5))
+    average = WeightAverage(m, EmaSettings(decay=0.5, cpu_offload=offload))
     average.update(1)
     train_step(m, 2)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
