@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader
 from torchtitan.config import TORCH_DTYPE_MAP
 
-from flux.checkpoint import EMA
+from flux.ema import EMA
+from flux.ema import UPDATES as EMA_UPDATES
 
-UPDATES = f"{EMA}.updates"  # flux.ema's count of updates; 0: the average has not started
+UPDATES = f"{EMA}.{EMA_UPDATES}"  # flux.ema's count of updates; 0: it has not started
 
 DTYPES = ("bfloat16", "float32")  # what weights are saved and sampled in
 
