@@ -1,4 +1,4 @@
-# The environment run_train.sh and run_tests.sh run in; sourced by them from the repository root.
+# The environment run_train.sh, run_tests.sh and run_infer.sh run in; sourced by them.
 #
 # flux_use_env [EXTRA] puts on PATH a `python` (and `torchrun`) that has this checkout's flux, its
 # dependencies and EXTRA's (e.g. dev), in this order:
@@ -164,8 +164,12 @@ _flux_base_python() {
         set -- python3 python3.14 python3.13 python3.12 python3.11
     fi
     for candidate in "$@"; do
-        command -v "$candidate" >/dev/null 2>&1 || continue
-        version=$("$candidate" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) || continue
+        if ! command -v "$candidate" >/dev/null 2>&1; then
+            [ -n "${FLUX_PYTHON:-}" ] && found="$candidate is not found"
+            continue
+        fi
+        version=$("$candidate" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) ||
+            version="not a Python that runs"
         case $version in
             3.1[1-9].* | 3.[2-9][0-9].*)
                 _flux_python=$candidate _flux_python_version=$version
@@ -174,6 +178,9 @@ _flux_base_python() {
         esac
         found="$found${found:+, }$candidate is $version"
     done
+    if [ -n "${FLUX_PYTHON:-}" ]; then
+        _flux_die "FLUX_PYTHON: $found, but setting up .venv needs Python 3.11 or newer: name one that is"
+    fi
     _flux_die "setting up .venv needs Python 3.11 or newer, and there is none on PATH${found:+ ($found)}:" \
         "install one (python.org, pyenv, apt install python3.11-venv) or name it with FLUX_PYTHON=/path/to/python3.11"
 }
@@ -199,15 +206,17 @@ _flux_torch_choice() {
 
 # _flux_pip WHAT ARGS...: pip install into .venv, its output to the log; one line if it fails.
 _flux_pip() {
-    local what=$1 line
+    local what=$1 start output line
     shift
     echo "+ pip install $*" >>"$_FLUX_LOG"
+    start=$(($(wc -l <"$_FLUX_LOG") + 1))
     "$_FLUX_VENV/bin/python" -m pip install --progress-bar off "$@" >>"$_FLUX_LOG" 2>&1 && return 0
-    if grep -Eq 'NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|nodename nor servname|Network is unreachable|ConnectTimeout|Read timed out|ProxyError' "$_FLUX_LOG"; then
+    output=$(tail -n "+$start" "$_FLUX_LOG") # this call's, not an earlier run's
+    if echo "$output" | grep -Eq 'NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|Name or service not known|nodename nor servname|Network is unreachable|ConnectTimeout|Read timed out|ProxyError'; then
         _flux_die "could not reach the package index to install $what: check the network (or HTTPS_PROXY)," \
             "or point PIP_INDEX_URL at a mirror, then run again; log: $_FLUX_LOG"
     fi
-    line=$(grep -E '^ERROR: ' "$_FLUX_LOG" | tail -n 1 | cut -c 1-200)
+    line=$(echo "$output" | grep -E '^ERROR: ' | head -n 1 | cut -c 1-200)
     _flux_die "installing $what failed${line:+ ($line)}; log: $_FLUX_LOG"
 }
 
@@ -239,10 +248,11 @@ _flux_create() {
     _flux_say "this takes a few minutes, once (1-3 with the CPU build; the CUDA build is several GB);" \
         "log: $_FLUX_LOG"
     echo "+ $_flux_python -m venv $_FLUX_VENV" >>"$_FLUX_LOG"
-    "$_flux_python" -m venv "$_FLUX_VENV" >>"$_FLUX_LOG" 2>&1 &&
-        "$_FLUX_VENV/bin/python" -m pip --version >>"$_FLUX_LOG" 2>&1 ||
+    if ! { "$_flux_python" -m venv "$_FLUX_VENV" && "$_FLUX_VENV/bin/python" -m pip --version; } \
+        >>"$_FLUX_LOG" 2>&1; then
         _flux_die "$_flux_python ($_flux_python_version) could not make a virtual environment with pip" \
             "(Debian/Ubuntu: apt install python3-venv); log: $_FLUX_LOG"
+    fi
     _flux_install "$extras" "$_flux_torch" 1 ||
         _flux_die "the new .venv does not import flux ($_flux_missing); log: $_FLUX_LOG"
 }
@@ -253,7 +263,7 @@ _flux_setup() {
     [ -z "$why" ] && return 0 # another run finished it while this one waited for the lock
     extras=$(_flux_mark_get extras)
     _flux_has_extra "$extras" "$extra" || extras="$extras${extras:+,}$extra"
-    torch=$(_flux_mark_get torch)
+    torch=${TORCH_SPEC:-$(_flux_mark_get torch)}
     trap '_flux_say "set-up interrupted: run the same command again to finish it"; exit 130' INT TERM
     case $why in
         incomplete)
@@ -274,9 +284,9 @@ _flux_setup() {
             ;;
         *)
             _flux_say "updating .venv ($why; log: $_FLUX_LOG)"
-            _flux_mark_put 0 "$extras" "$torch"
+            _flux_mark_put 0 "$extras" "$(_flux_mark_get torch)"
             if [ "$why" = TORCH_SPEC ]; then
-                _flux_install "$extras" "$TORCH_SPEC" 1
+                _flux_install "$extras" "$torch" 1
             else
                 _flux_install "$extras" "$torch" 0
             fi || _flux_die ".venv does not import flux after the update ($_flux_missing); log: $_FLUX_LOG"
@@ -289,8 +299,8 @@ _flux_setup() {
 
 flux_use_env() {
     local extra=${1:-} spec="."
-    _FLUX_ROOT=$PWD
-    _FLUX_VENV=$PWD/.venv
+    _FLUX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+    _FLUX_VENV=$_FLUX_ROOT/.venv
     _FLUX_MARK=$_FLUX_VENV/flux-setup
     _FLUX_LOG=$_FLUX_VENV/flux-setup.log
     [ -n "$extra" ] && spec=".[$extra]"
@@ -300,7 +310,7 @@ flux_use_env() {
     if [ "$_flux_state" != other ] && [ "$_flux_state" != none ] && ! [ "$_flux_prefix" -ef "$_FLUX_VENV" ]; then
         [ "$_flux_state" = ready ] && return 0
         _flux_die "the active environment ($_flux_prefix) has flux but lacks $_flux_missing:" \
-            "pip install -e '$spec' in it, or deactivate it to let this script set up .venv"
+            "pip install -e '$_FLUX_ROOT/$spec' in it, or deactivate it to let this script set up .venv"
     fi
 
     # 2. .venv, set up completely by an earlier run.
@@ -316,14 +326,18 @@ flux_use_env() {
             _flux_activate
             return 0
         fi
-        _flux_die ".venv was not made by this script and does not have this checkout's flux${_flux_missing:+ (lacks $_flux_missing)}:" \
-            ".venv/bin/pip install -e '$spec', or move .venv away to let this script set it up"
+        [ -n "$_flux_missing" ] || _flux_missing="this checkout's flux"
+        _flux_die ".venv was not made by this script and lacks $_flux_missing:" \
+            "$_FLUX_VENV/bin/pip install -e '$_FLUX_ROOT/$spec', or move .venv away to let this script set it up"
     fi
 
     # 3. Set up .venv, one run at a time (flock is Linux's; elsewhere, no lock).
     if command -v flock >/dev/null 2>&1; then
         exec 9<"$_FLUX_ROOT"
-        flock 9
+        flock -n 9 || {
+            _flux_say "waiting for the set-up of .venv that another run is doing"
+            flock 9
+        }
     fi
     _flux_setup "$extra"
     exec 9<&-
