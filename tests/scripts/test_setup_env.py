@@ -136,8 +136,12 @@ class Checkout:
     def __init__(self, tmp_path: Path):
         self.root = tmp_path / "repo"
         (self.root / "flux/scripts").mkdir(parents=True)
-        for name in ("run_train.sh", "run_tests.sh", "pyproject.toml", "flux/scripts/setup_env.sh"):
+        for name in ("run_train.sh", "run_tests.sh", "run_infer.sh", "pyproject.toml"):
             shutil.copy2(ROOT / name, self.root / name)
+        shutil.copy2(ROOT / "flux/scripts/setup_env.sh", self.root / "flux/scripts")
+        infer = "import os, sys\nprint('flux.scripts.infer in', os.getcwd(), *sys.argv[1:])\n"
+        (self.root / "flux/scripts/__init__.py").write_text("")
+        (self.root / "flux/scripts/infer.py").write_text(infer)
         (self.root / "flux/__init__.py").write_text("")
         (self.root / "flux/train.py").write_text("")
         config = "import sys\nprint('flux.config', *sys.argv[1:])\n"
@@ -165,10 +169,13 @@ class Checkout:
         path.write_text(text)
         path.chmod(0o755)
 
-    def run(self, script: str = "run_train.sh", *args: str, **env: str) -> Done:
+    def run(
+        self, script: str = "run_train.sh", *args: str, cwd: Path | None = None, **env: str
+    ) -> Done:
         self.pip_log.write_text("")
         done = subprocess.run(
             [str(self.root / script), *args],
+            cwd=cwd,
             env={**self.env, **env},
             capture_output=True,
             text=True,
@@ -332,6 +339,11 @@ def test_a_failed_set_up_is_one_line(checkout, failure) -> None:
         assert checkout.marker()["complete"] == "0"  # the next run finishes it
     else:
         assert not checkout.venv.exists()
+    if failure == "network":  # the next failure is told by its own output, not the log's past
+        again = checkout.run("run_train.sh", FAKE_PIP_FAIL="-e ")
+        assert again.setup_lines[-1].startswith(
+            "flux: error: installing flux and its dependencies failed (ERROR: No matching"
+        )
 
 
 def made_by_hand(checkout: Checkout, prefix: Path, *requirements: str) -> None:
@@ -358,7 +370,8 @@ def test_an_active_environment_with_flux_is_used_as_it_is(checkout, tmp_path) ->
     assert line.startswith(f"flux: error: the active environment ({active}) has flux but lacks ")
     assert "pytest" in line
     assert line.endswith(
-        ": pip install -e '.[dev]' in it, or deactivate it to let this script set up .venv"
+        f": pip install -e '{checkout.root}/.[dev]' in it, or deactivate it to let this script set"
+        " up .venv"
     )
 
 
@@ -367,8 +380,9 @@ def test_a_venv_made_by_hand_is_used_when_it_has_flux_and_never_changed(checkout
     refused = checkout.run("run_train.sh")
     assert refused.returncode == 1 and refused.pip_calls == []
     assert refused.setup_lines == [
-        "flux: error: .venv was not made by this script and does not have this checkout's flux:"
-        " .venv/bin/pip install -e '.', or move .venv away to let this script set it up"
+        "flux: error: .venv was not made by this script and lacks this checkout's flux:"
+        f" {checkout.venv}/bin/pip install -e '{checkout.root}/.', or move .venv away to let this"
+        " script set it up"
     ]
     made_by_hand(checkout, checkout.venv, "torch==2.13.0", "-e", str(checkout.root))
     done = checkout.run("run_train.sh")
@@ -376,3 +390,13 @@ def test_a_venv_made_by_hand_is_used_when_it_has_flux_and_never_changed(checkout
     assert done.setup_lines == [] and done.pip_calls == []
     assert not (checkout.venv / "flux-setup").exists()
     assert "-m flux.train" in done.output
+
+
+def test_run_infer_uses_the_same_environment_and_stays_where_it_is_run(checkout, tmp_path) -> None:
+    assert checkout.run("run_train.sh").returncode == 0
+    done = checkout.run("run_infer.sh", "--checkpoint", "outputs/checkpoint/step-30", cwd=tmp_path)
+    assert done.returncode == 0, done.output
+    assert done.setup_lines == [] and done.pip_calls == []
+    assert (
+        done.output == f"flux.scripts.infer in {tmp_path} --checkpoint outputs/checkpoint/step-30\n"
+    )
