@@ -245,7 +245,7 @@ _flux_create() {
     _flux_mark_put 0 "$extras" "$_flux_torch"
     _flux_say "setting up .venv ($why): Python $_flux_python_version, $_flux_torch_kind," \
         "flux${extras:+[$extras]} and its dependencies"
-    _flux_say "this takes a few minutes, once (1-3 with the CPU build; the CUDA build is several GB);" \
+    _flux_say "this takes a few minutes, once (1-4 with the CPU build; the CUDA build is several GB);" \
         "log: $_FLUX_LOG"
     echo "+ $_flux_python -m venv $_FLUX_VENV" >>"$_FLUX_LOG"
     if ! { "$_flux_python" -m venv "$_FLUX_VENV" && "$_FLUX_VENV/bin/python" -m pip --version; } \
