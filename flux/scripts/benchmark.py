@@ -47,6 +47,7 @@ import torch
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.sampling import image_ids
+from flux.scripts.cli import Parser, fail, nonnegative_int, positive_int
 
 
 def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
@@ -393,34 +394,34 @@ def step_table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     model = sub.add_parser("model", help="FluxModel vs diffusers, forward+backward")
-    model.add_argument("--hidden", type=int, default=1536)
-    model.add_argument("--heads", type=int, default=12)
-    model.add_argument("--double", type=int, default=2)
-    model.add_argument("--single", type=int, default=4)
-    model.add_argument("--img-tokens", type=int, default=256)
-    model.add_argument("--txt-tokens", type=int, default=256)
-    model.add_argument("--batch", type=int, default=1)
-    model.add_argument("--rounds", type=int, default=10)
-    model.add_argument("--warmup", type=int, default=2)
+    model.add_argument("--hidden", type=positive_int, default=1536)
+    model.add_argument("--heads", type=positive_int, default=12)
+    model.add_argument("--double", type=positive_int, default=2)
+    model.add_argument("--single", type=positive_int, default=4)
+    model.add_argument("--img-tokens", type=positive_int, default=256)
+    model.add_argument("--txt-tokens", type=positive_int, default=256)
+    model.add_argument("--batch", type=positive_int, default=1)
+    model.add_argument("--rounds", type=positive_int, default=10)
+    model.add_argument("--warmup", type=nonnegative_int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
     data = sub.add_parser("data", help="data loader throughput")
     data.add_argument("--source", default="shapes", choices=["shapes", "webdataset", "imagefolder"])
     data.add_argument("--path", type=Path, default=None)
-    data.add_argument("--img-size", type=int, default=256)
-    data.add_argument("--batch", type=int, default=8)
-    data.add_argument("--workers", type=int, default=2)
-    data.add_argument("--batches", type=int, default=50)
+    data.add_argument("--img-size", type=positive_int, default=256)
+    data.add_argument("--batch", type=positive_int, default=8)
+    data.add_argument("--workers", type=nonnegative_int, default=2)
+    data.add_argument("--batches", type=positive_int, default=50)
     data.add_argument("--json", action="store_true", help="print one JSON object")
     step = sub.add_parser(
         "step",
         help="where a training step's time goes (other arguments: the trainer's)",
         description="Other arguments are the trainer's: --job.config_file, --training.*, ...",
     )
-    step.add_argument("--steps", type=int, default=10, help="timed steps")
-    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--steps", type=positive_int, default=10, help="timed steps")
+    step.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps first")
     step.add_argument("--cache", type=Path, default=None, help="a precomputed cache to train on")
     step.add_argument(
         "--compare", action="store_true", help="precompute a temporary cache; run both"
@@ -430,7 +431,18 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "step":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    for name in ("path", "cache"):
+        folder = getattr(args, name, None)
+        if folder is not None and not folder.is_dir():
+            parser.error(f"--{name} {folder} is not a folder")
+    try:
+        run(parser, args, argv, rest)
+    except (ValueError, OSError) as e:  # ConfigError, CacheError, WeightsError: one line
+        fail("benchmark", e)
 
+
+def run(parser: Parser, args: argparse.Namespace, argv: list[str], rest: list[str]) -> None:
+    """Run the benchmark the command names and print its result."""
     if args.command == "step":
         from flux.config import DEBUG_CONFIG, config_file_arg
 
