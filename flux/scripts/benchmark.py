@@ -9,6 +9,8 @@
     python -m flux.scripts.benchmark step [--steps 10 --warmup 3] [--cache DIR | --compare]
                                           [--json] [trainer arguments]
 
+    python -m flux.scripts.benchmark checksum [--gib 1 | --path CHECKPOINT] [--json]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
@@ -22,6 +24,11 @@ torchtitan knows the peak of) and peak memory (CUDA's max allocated; on the CPU 
 process's peak RSS). --cache DIR trains on a precomputed cache; --compare precomputes one
 of the config's data to a temporary folder and runs both, each in a process of its own
 (so each peak RSS is its own).
+`checksum`: what a checkpoint's checksums cost on one process (flux.checksums): the DCP
+save, writing the checksums after it (hashing files the save left in the page cache), and
+verifying them with the files in the page cache and after dropping them from it (read
+from the disk). On a temporary checkpoint of --gib GiB of float32 tensors, or on an
+existing checkpoint folder (--path; its checksums are rewritten).
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import torch
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.sampling import image_ids
-from flux.scripts.cli import Parser, fail, nonnegative_int, positive_int
+from flux.scripts.cli import Parser, fail, nonnegative_int, positive_float, positive_int
 
 
 def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
@@ -187,6 +194,49 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "samples_per_s": args.batches * args.batch / elapsed,
     }
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the folder's (written, synced) files, so the next read
+    comes from the disk."""
+    import os
+
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def bench_checksum(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to save, seal (hash + write the checksums) and verify a checkpoint folder."""
+    from flux.checkpoint import checkpoint_problem, seal
+    from flux.weights import save_dcp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        times: dict[str, float] = {}
+        folder = args.path
+        if folder is None:
+            folder = Path(tmp) / "step-1"
+            n = int(args.gib * 2**30 / 4 / 2**20)  # tensors of 1 Mi float32 values
+            state = {f"layer{i}.weight": torch.randn(2**20) for i in range(n)}
+            start = time.perf_counter()
+            save_dcp(state, folder)  # DCP's save, then the checksums
+            times["save_and_seal_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        seal(folder, rank=0)
+        times["seal_s"] = time.perf_counter() - start
+        for key in ("verify_cached_s", "verify_from_disk_s"):
+            if key == "verify_from_disk_s":
+                drop_from_page_cache(folder)
+            start = time.perf_counter()
+            problem = checkpoint_problem(folder)
+            times[key] = time.perf_counter() - start
+            if problem is not None:
+                raise ValueError(f"{folder} {problem}")
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    rates = {f"{k[:-2]}_gb_per_s": size / 1e9 / v for k, v in times.items()}
+    return {"path": str(args.path or f"temporary, {args.gib} GiB"), "bytes": size, **times, **rates}
 
 
 A100_PEAK_FLOPS = 312e12  # bf16 dense; get_peak_flops' answer for a GPU it does not know
@@ -415,6 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--workers", type=nonnegative_int, default=2)
     data.add_argument("--batches", type=positive_int, default=50)
     data.add_argument("--json", action="store_true", help="print one JSON object")
+    checksum = sub.add_parser("checksum", help="the cost of a checkpoint's checksums")
+    checksum.add_argument("--gib", type=positive_float, default=1.0, help="temporary size")
+    checksum.add_argument("--path", type=Path, default=None, help="a checkpoint folder")
+    checksum.add_argument("--json", action="store_true", help="print one JSON object")
     step = sub.add_parser(
         "step",
         help="where a training step's time goes (other arguments: the trainer's)",
@@ -458,6 +512,16 @@ def run(parser: Parser, args: argparse.Namespace, argv: list[str], rest: list[st
             json.dumps(results if args.compare else results[0])
             if args.json
             else step_table(results)
+        )
+        return
+    if args.command == "checksum":
+        result = bench_checksum(args)
+        print(
+            json.dumps(result)
+            if args.json
+            else "\n".join(
+                f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()
+            )
         )
         return
     if args.command == "data":
