@@ -401,8 +401,9 @@ class FluxCheckpointManager(CheckpointManager):
         return verdict
 
     def wait_for_save(self) -> None:
-        """Block until an asynchronous save has reached the disk."""
-        self._async_wait()
+        """Block until an asynchronous save has reached the disk, with its checksums."""
+        if self.enable:  # torchtitan sets up its saving state only then
+            self._async_wait()
 
 
 # -- tensor parallelism's layouts in checkpoints -------------------------------------------
