@@ -53,6 +53,12 @@ class Training:
     """A step whose loss or gradients are not finite is not applied; after this many in a
     row the run stops (its last checkpoint intact)"""
 
+    max_skipped_fraction: float = 0.1
+    """Bad samples (undecodable images, missing captions, unreadable cache shards) are
+    skipped and counted; when more than this fraction of the samples read were skipped
+    (judged from the 1000th sample read on), the run stops instead of training on what is
+    left (1 never stops)"""
+
 
 @dataclass
 class Validation:

@@ -111,6 +111,9 @@ def test_metrics_reach_tensorboard(single) -> None:
         "validation_metrics/loss_t0.06",
         "validation_metrics/ema_loss",
         "validation_metrics/ema_loss_t0.06",
+        "data/skipped",  # the data loader's skips, by kind when there are some
+        "data/skipped_fraction",
+        "validation_metrics/skipped",
     ):
         assert tag in tags, sorted(tags)
     # MFU against a GPU's peak FLOPs; the CPU has none to measure against

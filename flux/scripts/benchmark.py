@@ -12,6 +12,8 @@
     python -m flux.scripts.benchmark ema [--flavor flux-debug | --hidden 1024 --heads 8
                                           --double 4 --single 8] [--updates 10 --json]
 
+    python -m flux.scripts.benchmark checksum [--gib 1 | --path CHECKPOINT] [--json]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
@@ -29,6 +31,11 @@ of the config's data to a temporary folder and runs both, each in a process of i
 and per validation swap, with the average beside the weights and in host memory
 (cpu_offload: the weights are copied to a host buffer first; on a machine without a GPU
 that is a copy within host memory), beside the time one copy of the weights takes.
+`checksum`: what a checkpoint's checksums cost on one process (flux.checksums): the DCP
+save, writing the checksums after it (hashing files the save left in the page cache), and
+verifying them with the files in the page cache and after dropping them from it (read
+from the disk). On a temporary checkpoint of --gib GiB of float32 tensors, or on an
+existing checkpoint folder (--path; its checksums are rewritten).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ import torch
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.sampling import image_ids
+from flux.scripts.cli import Parser, fail, nonnegative_int, positive_float, positive_int
 
 
 def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
@@ -193,6 +201,49 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "samples_per_s": args.batches * args.batch / elapsed,
     }
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the folder's (written, synced) files, so the next read
+    comes from the disk."""
+    import os
+
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def bench_checksum(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to save, seal (hash + write the checksums) and verify a checkpoint folder."""
+    from flux.checkpoint import checkpoint_problem, seal
+    from flux.weights import save_dcp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        times: dict[str, float] = {}
+        folder = args.path
+        if folder is None:
+            folder = Path(tmp) / "step-1"
+            n = int(args.gib * 2**30 / 4 / 2**20)  # tensors of 1 Mi float32 values
+            state = {f"layer{i}.weight": torch.randn(2**20) for i in range(n)}
+            start = time.perf_counter()
+            save_dcp(state, folder)  # DCP's save, then the checksums
+            times["save_and_seal_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        seal(folder, rank=0)
+        times["seal_s"] = time.perf_counter() - start
+        for key in ("verify_cached_s", "verify_from_disk_s"):
+            if key == "verify_from_disk_s":
+                drop_from_page_cache(folder)
+            start = time.perf_counter()
+            problem = checkpoint_problem(folder)
+            times[key] = time.perf_counter() - start
+            if problem is not None:
+                raise ValueError(f"{folder} {problem}")
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    rates = {f"{k[:-2]}_gb_per_s": size / 1e9 / v for k, v in times.items()}
+    return {"path": str(args.path or f"temporary, {args.gib} GiB"), "bytes": size, **times, **rates}
 
 
 A100_PEAK_FLOPS = 312e12  # bf16 dense; get_peak_flops' answer for a GPU it does not know
@@ -465,34 +516,38 @@ def bench_ema(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     model = sub.add_parser("model", help="FluxModel vs diffusers, forward+backward")
-    model.add_argument("--hidden", type=int, default=1536)
-    model.add_argument("--heads", type=int, default=12)
-    model.add_argument("--double", type=int, default=2)
-    model.add_argument("--single", type=int, default=4)
-    model.add_argument("--img-tokens", type=int, default=256)
-    model.add_argument("--txt-tokens", type=int, default=256)
-    model.add_argument("--batch", type=int, default=1)
-    model.add_argument("--rounds", type=int, default=10)
-    model.add_argument("--warmup", type=int, default=2)
+    model.add_argument("--hidden", type=positive_int, default=1536)
+    model.add_argument("--heads", type=positive_int, default=12)
+    model.add_argument("--double", type=positive_int, default=2)
+    model.add_argument("--single", type=positive_int, default=4)
+    model.add_argument("--img-tokens", type=positive_int, default=256)
+    model.add_argument("--txt-tokens", type=positive_int, default=256)
+    model.add_argument("--batch", type=positive_int, default=1)
+    model.add_argument("--rounds", type=positive_int, default=10)
+    model.add_argument("--warmup", type=nonnegative_int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
     data = sub.add_parser("data", help="data loader throughput")
     data.add_argument("--source", default="shapes", choices=["shapes", "webdataset", "imagefolder"])
     data.add_argument("--path", type=Path, default=None)
-    data.add_argument("--img-size", type=int, default=256)
-    data.add_argument("--batch", type=int, default=8)
-    data.add_argument("--workers", type=int, default=2)
-    data.add_argument("--batches", type=int, default=50)
+    data.add_argument("--img-size", type=positive_int, default=256)
+    data.add_argument("--batch", type=positive_int, default=8)
+    data.add_argument("--workers", type=nonnegative_int, default=2)
+    data.add_argument("--batches", type=positive_int, default=50)
     data.add_argument("--json", action="store_true", help="print one JSON object")
+    checksum = sub.add_parser("checksum", help="the cost of a checkpoint's checksums")
+    checksum.add_argument("--gib", type=positive_float, default=1.0, help="temporary size")
+    checksum.add_argument("--path", type=Path, default=None, help="a checkpoint folder")
+    checksum.add_argument("--json", action="store_true", help="print one JSON object")
     step = sub.add_parser(
         "step",
         help="where a training step's time goes (other arguments: the trainer's)",
         description="Other arguments are the trainer's: --job.config_file, --training.*, ...",
     )
-    step.add_argument("--steps", type=int, default=10, help="timed steps")
-    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--steps", type=positive_int, default=10, help="timed steps")
+    step.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps first")
     step.add_argument("--cache", type=Path, default=None, help="a precomputed cache to train on")
     step.add_argument(
         "--compare", action="store_true", help="precompute a temporary cache; run both"
@@ -510,7 +565,18 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "step":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    for name in ("path", "cache"):
+        folder = getattr(args, name, None)
+        if folder is not None and not folder.is_dir():
+            parser.error(f"--{name} {folder} is not a folder")
+    try:
+        run(parser, args, argv, rest)
+    except (ValueError, OSError) as e:  # ConfigError, CacheError, WeightsError: one line
+        fail("benchmark", e)
 
+
+def run(parser: Parser, args: argparse.Namespace, argv: list[str], rest: list[str]) -> None:
+    """Run the benchmark the command names and print its result."""
     if args.command == "step":
         from flux.config import DEBUG_CONFIG, config_file_arg
 
@@ -544,6 +610,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"{key:15} update {r['update_ms']:9.2f} ms   "
                 f"swap in and out {r['swap_in_and_out_ms']:9.2f} ms"
             )
+        return
+    if args.command == "checksum":
+        result = bench_checksum(args)
+        print(
+            json.dumps(result)
+            if args.json
+            else "\n".join(
+                f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()
+            )
+        )
         return
     if args.command == "data":
         result = bench_data(args)
