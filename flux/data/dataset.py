@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
 
 from flux.data.imagefolder import list_images, load_pair
-from flux.data.precomputed import CachedSample, PrecomputedCache
+from flux.data.precomputed import UNREADABLE, CachedSample, CacheError, PrecomputedCache
 from flux.data.shapes import shapes_sample
 from flux.data.shards import (
     Record,
@@ -169,7 +169,10 @@ class CaptionedImages(Stateful):
         """Sample `index` of an indexed source, in its own (unshuffled) order; raises
         BadSample for an unusable one."""
         if self.cache is not None:
-            return self.cache[index]
+            try:
+                return self.cache[index]
+            except CacheError as e:  # its shard went bad after start-up: its samples are lost
+                raise BadSample(UNREADABLE, str(e).removeprefix(f"{UNREADABLE}: ")) from e
         if self.files:
             image, caption = load_pair(self.files[index], self.img_size)
         else:
