@@ -71,7 +71,7 @@ def _updates(path: Path) -> int:
     """How many updates made a checkpoint's average of the weights (-1: it holds none)."""
     if UPDATES not in _metadata(path):
         return -1
-    state = {UPDATES: torch.tensor(0, dtype=torch.int64)}
+    state = {UPDATES: torch.tensor(0, dtype=torch.int64, device="cpu")}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=SINGLE_PROCESS)
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
