@@ -188,6 +188,26 @@ def check_training(job_config: JobConfig) -> None:
             f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
             "(the non-finite steps in a row that stop the run)"
         )
+    check_activation_checkpoint(job_config.activation_checkpoint)
+
+
+def check_activation_checkpoint(ac: Any) -> None:
+    """The modes flux implements: none, full, selective by block interval or by op."""
+    if ac.mode not in ("none", "full", "selective"):
+        raise ConfigError(
+            f"activation_checkpoint.mode = {ac.mode!r} is not supported for flux: use none, "
+            "full or selective"
+        )
+    option = ac.selective_ac_option
+    if ac.mode == "selective" and option != "op" and not (option.isdigit() and int(option) >= 1):
+        raise ConfigError(
+            f"activation_checkpoint.selective_ac_option = {option!r}: use 'op' (keep the "
+            "matmul and attention outputs, recompute the rest) or a block interval N >= 1"
+        )
+    if ac.skip_last_blocks < 0:
+        raise ConfigError(
+            f"activation_checkpoint.skip_last_blocks = {ac.skip_last_blocks}: use 0 or more"
+        )
 
 
 def check_data(job_config: JobConfig) -> None:

@@ -1,8 +1,9 @@
 """The TOML sections this package adds to torchtitan's JobConfig.
 
 torchtitan merges these dataclasses field by field into its own (`job.custom_config_module =
-"flux.job_config"`): `[encoder]` and `[inference]` are new sections, and `[training]` and
-`[validation]` gain the fields below. Each docstring is what `--help` shows.
+"flux.job_config"`): `[encoder]` and `[inference]` are new sections, and `[training]`,
+`[validation]` and `[activation_checkpoint]` gain the fields below. Each docstring is what
+`--help` shows.
 """
 
 from dataclasses import dataclass, field
@@ -55,6 +56,14 @@ class Training:
 
 
 @dataclass
+class ActivationCheckpoint:
+    skip_last_blocks: int = 0
+    """The last N transformer blocks (double, then single blocks, in the order they run)
+    keep their activations instead of recomputing them, with mode full or selective: a GPU
+    with memory to spare buys back their recompute"""
+
+
+@dataclass
 class Validation:
     dataset: str = "shapes"
     """Held-out data for the validation loss: a dataset source, as training.dataset (shapes
@@ -104,4 +113,5 @@ class JobConfig:
     encoder: Encoder = field(default_factory=Encoder)
     training: Training = field(default_factory=Training)
     validation: Validation = field(default_factory=Validation)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     inference: Inference = field(default_factory=Inference)

@@ -147,3 +147,43 @@ def test_run_train_sh_prints_the_error_as_one_line_and_exits_2(tmp_path) -> None
     assert len(lines) == 1 and "unknown model.flavor 'flux-pro'" in lines[0]
     assert "Traceback" not in run.output
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (("--activation_checkpoint.mode", "memory_budget"), "use none, full or selective"),
+        (
+            (
+                "--activation_checkpoint.mode",
+                "selective",
+                "--activation_checkpoint.selective_ac_option",
+                "ops",
+            ),
+            "'op'",
+        ),
+        (
+            (
+                "--activation_checkpoint.mode",
+                "full",
+                "--activation_checkpoint.skip_last_blocks",
+                "-1",
+            ),
+            "0 or more",
+        ),
+    ],
+)
+def test_activation_checkpointing_flux_cannot_run(args: tuple[str, ...], says: str) -> None:
+    assert says in refused(*args)
+
+
+def test_op_level_checkpointing_of_all_but_the_last_blocks_passes() -> None:
+    args = (
+        "--activation_checkpoint.mode",
+        "selective",
+        "--activation_checkpoint.selective_ac_option",
+        "op",
+    )
+    job = config(*args, "--activation_checkpoint.skip_last_blocks", "2")
+    check_config(job, 1)
+    assert job.activation_checkpoint.skip_last_blocks == 2

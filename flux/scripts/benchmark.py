@@ -3,6 +3,9 @@
     python -m flux.scripts.benchmark model [--hidden 1536 --heads 12 --double 2 --single 4
                                             --img-tokens 256 --txt-tokens 256 --rounds 10]
 
+    python -m flux.scripts.benchmark ac [--hidden 512 --heads 4 --double 2 --single 4
+                                         --img-tokens 256 --txt-tokens 64 --batch 2]
+
     python -m flux.scripts.benchmark data [--source shapes|webdataset --img-size 256
                                            --batch 8 --workers 2 --batches 50]
 
@@ -12,6 +15,10 @@
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
+`ac`: the activations a forward of FluxModel leaves for backward (the storages still alive
+after it), and the forward+backward time, with no activation checkpointing, op-level
+selective checkpointing (`selective` + `op`) and full checkpointing; each must give no-AC's
+loss and gradients exactly.
 `data`: samples/s of the data loader on one process (for `webdataset`, on shards of
 shapes images it writes to a temporary folder first, or on --path).
 `step`: where the time of one training step of a config goes (trainer arguments, default
@@ -37,12 +44,15 @@ import sys
 import tarfile
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
@@ -186,6 +196,112 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
         "workers": args.workers,
         "samples_per_s": args.batches * args.batch / elapsed,
     }
+
+
+class SavedActivations(TorchDispatchMode):
+    """What a forward leaves for backward: the storages ops allocate while this mode is
+    active that are still alive when counted (the tensors autograd saved, and the outputs
+    selective checkpointing keeps). Views and in-place results are their inputs' storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _dense(t)}
+        for t in tree_leaves(out):
+            if _dense(t) and t.untyped_storage().data_ptr() not in inputs:
+                self.storages.append(weakref.ref(t.untyped_storage()))
+        return out
+
+    def live_bytes(self) -> int:
+        live = {}
+        for ref in self.storages:
+            storage = ref()
+            if storage is not None:
+                live[storage.data_ptr()] = storage.nbytes()
+        return sum(live.values())
+
+
+def _dense(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
+
+
+AC_MODES = {"none": ("none", ""), "op": ("selective", "op"), "full": ("full", "")}
+
+
+def bench_ac(args: argparse.Namespace) -> dict[str, Any]:
+    """Saved activations and forward+backward time of FluxModel under each activation
+    checkpointing mode, and whether each gives no-AC's loss and gradients exactly."""
+    import copy
+
+    from flux.parallel.parallelize import apply_activation_checkpointing
+
+    head_dim = args.hidden // args.heads
+    rope_t = 2 * max(1, head_dim // 16)  # FLUX.1's (16, 56, 56) at head size 128; pairs
+    rope_h = (head_dim - rope_t) // 4 * 2
+    model_args = dataclasses.replace(
+        flux_configs["flux-debug"],
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        depth=args.double,
+        depth_single_blocks=args.single,
+        axes_dim=(rope_t, rope_h, head_dim - rope_t - rope_h),
+    )
+    torch.manual_seed(0)
+    reference = FluxModel(model_args)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.02)
+    inputs = _random_inputs(model_args, args.batch, args.img_tokens, args.txt_tokens)
+    results: dict[str, Any] = {}
+    grads: dict[str, list[torch.Tensor]] = {}
+    for name, (mode, option) in AC_MODES.items():
+        model = copy.deepcopy(reference)
+        if mode != "none":
+            apply_activation_checkpointing(model, mode, option)
+        times = []
+        for round_ in range(args.warmup + args.rounds):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            with SavedActivations() as saved:
+                loss = model(**inputs).float().square().mean()
+            activations = saved.live_bytes()
+            loss.backward()
+            if round_ >= args.warmup:
+                times.append(time.perf_counter() - start)
+        grads[name] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        exact = name == "none" or all(
+            torch.equal(a, b) for a, b in zip(grads[name], grads["none"], strict=True)
+        )
+        results[name] = {
+            "activations_mib": activations / 2**20,
+            "fwd_bwd_ms": 1e3 * statistics.median(times),
+            "loss": loss.item(),
+            "same_gradients_as_none": exact,
+        }
+    return {"threads": torch.get_num_threads(), "batch": args.batch, "modes": results}
+
+
+def _random_inputs(
+    args: Any, batch: int, img_tokens: int, txt_tokens: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    side = int(img_tokens**0.5)  # a square image of img_tokens patches
+    if side * side != img_tokens:
+        raise ValueError(f"--img-tokens {img_tokens} is not a square number (e.g. 256, 1024)")
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "img": torch.randn(batch, img_tokens, args.in_channels, generator=g),
+        "img_ids": image_ids(batch, 2 * side, 2 * side),
+        "txt": torch.randn(batch, txt_tokens, args.context_in_dim, generator=g),
+        "txt_ids": torch.zeros(batch, txt_tokens, 3),
+        "timesteps": torch.rand(batch, generator=g),
+        "y": torch.randn(batch, args.vec_in_dim, generator=g),
+    }
+    if args.guidance_embed:
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 A100_PEAK_FLOPS = 312e12  # bf16 dense; get_peak_flops' answer for a GPU it does not know
@@ -406,6 +522,17 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--rounds", type=int, default=10)
     model.add_argument("--warmup", type=int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
+    ac = sub.add_parser("ac", help="activation checkpointing: saved activations, time")
+    ac.add_argument("--hidden", type=int, default=512)
+    ac.add_argument("--heads", type=int, default=4)
+    ac.add_argument("--double", type=int, default=2)
+    ac.add_argument("--single", type=int, default=4)
+    ac.add_argument("--img-tokens", type=int, default=256)
+    ac.add_argument("--txt-tokens", type=int, default=64)
+    ac.add_argument("--batch", type=int, default=2)
+    ac.add_argument("--rounds", type=int, default=3)
+    ac.add_argument("--warmup", type=int, default=1)
+    ac.add_argument("--json", action="store_true", help="print one JSON object")
     data = sub.add_parser("data", help="data loader throughput")
     data.add_argument("--source", default="shapes", choices=["shapes", "webdataset", "imagefolder"])
     data.add_argument("--path", type=Path, default=None)
@@ -447,6 +574,17 @@ def main(argv: list[str] | None = None) -> None:
             if args.json
             else step_table(results)
         )
+        return
+    if args.command == "ac":
+        result = bench_ac(args)
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(f"FluxModel forward+backward, batch {result['batch']}, {result['threads']} threads")
+        print(f"{'mode':6}{'saved activations (MiB)':>26}{'fwd+bwd (ms)':>15}  gradients")
+        for name, r in result["modes"].items():
+            same = "exactly no-AC's" if r["same_gradients_as_none"] else "DIFFER"
+            print(f"{name:6}{r['activations_mib']:26.1f}{r['fwd_bwd_ms']:15.1f}  {same}")
         return
     if args.command == "data":
         result = bench_data(args)
