@@ -36,7 +36,8 @@ LAYOUTS = {
     "tp2": (2, ("--tp", "2")),
     "tp2-fsdp2": (4, ("--tp", "2")),
     "cp2": (2, ("--cp", "2")),
-    "cp2-tp2-compiled": (4, ("--cp", "2", "--tp", "2", "--compile")),  # FSDP over cp too
+    # FSDP over cp too; op-level checkpointing keeps the collectives' outputs
+    "cp2-tp2-compiled-op-ac": (4, ("--cp", "2", "--tp", "2", "--compile", "--op-ac")),
     "tp2-float8": (2, ("--tp", "2", "--float8")),  # against one process's float8 model
 }
 

@@ -2,7 +2,7 @@
 torchrun:
 
     torchrun --nproc_per_node N -m tests.parallel.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
-        [--compile]
+        [--compile] [--op-ac]
 
 The debug model parallelized with TP and CP (and FSDP over the other N / TP ranks, the
 context-parallel ones included, as torchtitan's fsdp mesh does), against the same model
@@ -10,8 +10,8 @@ on one process in this one: loss and gradients on the same batch (each data-para
 rank takes its share of the samples, each context-parallel rank its share of every
 sample's tokens), then checkpoints both ways through torchtitan's
 ModelWrapper and DCP. With `compile`, every block is compiled (aot_eager: no C++ compiler
-needed) between TP and FSDP, as parallelize_flux does. Rank 0 writes the largest
-differences to OUT.json.
+needed) between TP and FSDP, as parallelize_flux does, and with `op-ac` checkpointed op by
+op before that. Rank 0 writes the largest differences to OUT.json.
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, parse_config
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.context_parallel import apply_context_parallel, shard_sequence
-from flux.parallel.parallelize import apply_compile, apply_fsdp, flux_named_parameters
+from flux.parallel.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    flux_named_parameters,
+)
 from flux.parallel.tensor_parallel import apply_tensor_parallel
 from flux.sampling import image_ids, text_ids
 from flux.train_spec import FluxTrainModel
@@ -118,6 +123,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--op-ac", action="store_true", help="op-level selective checkpointing")
     parser.add_argument("--float8", action="store_true", help="torchtitan's converter, emulated")
     args = parser.parse_args()
     out, folder, tp, cp = args.out, args.folder, args.tp, args.cp
@@ -133,6 +139,8 @@ def main() -> None:
             apply_tensor_parallel(model, mesh["tp"])
         if cp > 1:
             apply_context_parallel(model, mesh["fsdp"])
+        if args.op_ac:
+            apply_activation_checkpointing(model, "selective", "op")
         if args.compile:
             apply_compile(model, "aot_eager")
         if fsdp > 1:
