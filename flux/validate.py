@@ -9,13 +9,16 @@ guidance from fixed noise, saved by rank 0 as <dump_folder>/validation/step_<N>.
 with each prompt under its image.
 
 Both run forward only, inside parallelize.forward_only, so FSDP units are resharded after
-and a checkpoint saved right after validation sees the usual sharded parameters; and on
+and a checkpoint saved right after validation sees the usual sharded parameters; on
 whole sequences, inside context_parallel.whole_sequence (every rank of a context-parallel
-group computes the same).
+group computes the same); and without recompiling compiled blocks or the compiled
+autoencoder encoder for validation's shapes (without_recompiling).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,17 @@ from flux.generate import SampleSettings, generate, image_grid
 from flux.parallel.context_parallel import whole_sequence
 from flux.parallel.parallelize import forward_only
 from flux.sampling import Streams
+
+
+@contextmanager
+def without_recompiling() -> Iterator[None]:
+    """Compiled code runs where its graphs fit, and eagerly where they would have to be
+    compiled again. Validation's shapes and mode are not training's (its batch and image
+    sizes, no gradients, as many sample counts as it has prompts): recompiling every block
+    type for each (minutes at full size, and torch's cap on recompiles) costs more than
+    running them eagerly for a few batches."""
+    with torch.compiler.set_stance("eager_on_recompile"):
+        yield
 
 
 def stratified_timesteps(count: int) -> torch.Tensor:
@@ -110,7 +124,7 @@ class FluxValidator(BaseValidator):
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
         model = model_parts[0]
         model.eval()
-        with forward_only(model), whole_sequence(model):
+        with forward_only(model), whole_sequence(model), without_recompiling():
             losses = self.loss(model)
             images = self.sample(model)
         model.train()
