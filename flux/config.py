@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torchtitan.config import ConfigManager, JobConfig
 
 from flux.sampling import PIXELS_PER_TOKEN, check_image_size
@@ -189,6 +190,32 @@ def check_training(job_config: JobConfig) -> None:
             "(the non-finite steps in a row that stop the run)"
         )
     check_activation_checkpoint(job_config.activation_checkpoint)
+    check_attention_backend(training.attention_backend)
+
+
+def check_attention_backend(backend: str) -> None:
+    """cuDNN's and FlashAttention-3's kernels need a GPU (FlashAttention-3 a Hopper one,
+    and its package)."""
+    import importlib.util
+
+    from torchtitan.tools.utils import has_cuda_capability
+
+    if backend == "default":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"training.attention_backend = {backend!r} needs a CUDA GPU: use 'default'"
+        )
+    if backend == "flash3" and not has_cuda_capability(9, 0):
+        raise ConfigError(
+            "training.attention_backend = 'flash3' needs a Hopper GPU (compute capability "
+            "9.0): use 'cudnn' or 'default'"
+        )
+    if backend == "flash3" and importlib.util.find_spec("flash_attn_interface") is None:
+        raise ConfigError(
+            "training.attention_backend = 'flash3' needs FlashAttention-3's "
+            "flash_attn_interface package (built from flash-attention's hopper/ folder)"
+        )
 
 
 def check_activation_checkpoint(ac: Any) -> None:

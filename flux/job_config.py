@@ -50,6 +50,12 @@ class Training:
     seed_data: int = 0
     """Seed of the data order, caption dropout and noise streams (each rank derives its own)"""
 
+    attention_backend: Literal["default", "cudnn", "flash3"] = "default"
+    """Which fused attention kernels the transformer prefers (GPU only): default (PyTorch's
+    choice: FlashAttention-2, then memory-efficient), cudnn (cuDNN's, tried first), or
+    flash3 (FlashAttention-3 on Hopper GPUs; needs the flash_attn_interface package). Not
+    measured on this project's GPUs yet: try it with `benchmark step` first"""
+
     max_nonfinite_steps: int = 10
     """A step whose loss or gradients are not finite is not applied; after this many in a
     row the run stops (its last checkpoint intact)"""

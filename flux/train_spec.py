@@ -84,6 +84,7 @@ def build_flux_dataloader(
         seed=training.seed_data,
         path=training.dataset_path,
         num_workers=training.dataloader.num_workers,
+        pin_memory=torch.cuda.is_available(),
     )
 
 

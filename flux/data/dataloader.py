@@ -41,6 +41,7 @@ class CaptionedImageLoader(StatefulDataLoader, BaseDataLoader):
         seed: int = 0,
         path: str | Path | None = None,
         num_workers: int = 0,
+        pin_memory: bool = False,
     ):
         self.dataset = CaptionedImages(source, img_size, dp_rank, dp_world_size, seed, path)
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
@@ -49,6 +50,7 @@ class CaptionedImageLoader(StatefulDataLoader, BaseDataLoader):
             batch_size=batch_size,
             collate_fn=collate,
             num_workers=num_workers,
+            pin_memory=pin_memory,  # so the trainer's copies to the GPU need not wait
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )

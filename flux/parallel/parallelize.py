@@ -166,10 +166,8 @@ def parallelize_flux(
     if compiles_model(job_config.compile):
         apply_compile(model, job_config.compile.backend)
 
-    if parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled:
-        names = ["fsdp"]
-        if parallel_dims.dp_replicate_enabled:
-            names = ["dp_replicate", "fsdp"] if parallel_dims.dp_shard_enabled else ["dp_replicate"]
+    mesh = fsdp_mesh(parallel_dims)
+    if mesh is not None:
         policy = job_config.parallelism.fsdp_reshard_after_forward
         if policy not in ("default", "always", "never"):
             raise ValueError(
@@ -177,13 +175,24 @@ def parallelize_flux(
             )
         apply_fsdp(
             model,
-            parallel_dims.get_mesh(names),
+            mesh,
             param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward=policy != "never",
         )
     return model
+
+
+def fsdp_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
+    """The mesh FSDP shards over (dp_shard × cp), with dp_replicate first for HSDP; None
+    without data or context parallelism."""
+    if not (parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled):
+        return None
+    names = ["fsdp"]
+    if parallel_dims.dp_replicate_enabled:
+        names = ["dp_replicate", "fsdp"] if parallel_dims.fsdp_enabled else ["dp_replicate"]
+    return parallel_dims.get_mesh(names)
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ from flux.data.precomputed import (
     write_json,
     write_shard,
 )
-from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders
+from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders, encode_images
 from flux.model.args import flux_configs
 from flux.train_spec import encoder_settings
 
@@ -90,7 +90,7 @@ class Encoders:
     def samples(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """t5 (B, L, D_t5), clip (B, D_clip), moments (B, 2C, h, w) on the CPU."""
         images = torch.stack([s.image for s in samples]).to(self.device, self.dtype)
-        moments = self.autoencoder.encoder(images).cpu()
+        moments = encode_images(self.autoencoder, images).cpu()
         return {**self.texts([s.caption for s in samples]), "moments": moments}
 
 

@@ -64,6 +64,10 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["loaded"] == 0.0 and result["loaded_layout_kept"]
     assert result["loss_after_load"] <= (1e-6 if fp32 else 1e-2)
     assert result["init"] == 0.0  # a fresh model starts from one process's weights
+    # T5/CLIP: each rank holds its FSDP share, encodes its share of its group's captions
+    fsdp = nproc // tp
+    assert result["text_encoder_shard"] == pytest.approx(1 / fsdp, rel=0.05)
+    assert result["text_encoders"] <= 1e-5
 
 
 ARGS = (

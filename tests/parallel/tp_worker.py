@@ -11,7 +11,8 @@ rank takes its share of the samples, each context-parallel rank its share of eve
 sample's tokens), then checkpoints both ways through torchtitan's
 ModelWrapper and DCP. With `compile`, every block is compiled (aot_eager: no C++ compiler
 needed) between TP and FSDP, as parallelize_flux does, and with `op-ac` checkpointed op by
-op before that. Rank 0 writes the largest differences to OUT.json.
+op before that. Last, the frozen text encoders spread as the trainer spreads them. Rank 0
+writes the largest differences to OUT.json.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from torchtitan.protocols.model_converter import build_model_converters
 
 from flux.checkpoint import plain_layout
 from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, parse_config
+from flux.flow import build_text_encoders
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.context_parallel import apply_context_parallel, shard_sequence
+from flux.parallel.frozen import SplitTextEncoder, shard_text_encoder
 from flux.parallel.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
@@ -44,7 +47,7 @@ from flux.parallel.parallelize import (
 )
 from flux.parallel.tensor_parallel import apply_tensor_parallel
 from flux.sampling import image_ids, text_ids
-from flux.train_spec import FluxTrainModel
+from flux.train_spec import FluxTrainModel, encoder_settings
 
 BATCH, IMG_TOKENS, TXT_TOKENS = 4, 16, 8
 SCHNELL = str(PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_model.toml")
@@ -227,9 +230,37 @@ def main() -> None:
     one.init_weights()
     result["init"] = max_difference(named(fresh), named(one))
 
+    result |= text_encoders(mesh, tp, cp)
     if rank == 0:
         out.write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def text_encoders(mesh, tp: int, cp: int) -> dict[str, float]:
+    """T5 and CLIP as the trainer spreads them (flux.parallel.frozen): sharded over the fsdp
+    mesh, each rank of a TP/CP group encoding its share of the group's captions, against
+    the whole encoders on this process. Each data-parallel rank has captions of its own."""
+    settings = encoder_settings(parse_config(["--job.config_file", str(DEBUG_CONFIG)]))
+    whole = build_text_encoders(settings, torch.device("cpu"))
+    spread = build_text_encoders(settings, torch.device("cpu"))
+    groups = [m for m, size in ((mesh["fsdp"], cp), (mesh["tp"], tp)) if size > 1]
+    dp_rank = mesh["fsdp"].get_local_rank() // cp
+    captions = [f"{n} red circles on a white background, rank {dp_rank}" for n in range(5)]
+    differences, fractions = [], []
+    for reference, encoder in zip(whole, spread):
+        if mesh["fsdp"].size() > 1:
+            shard_text_encoder(encoder, mesh["fsdp"])
+        sharded = [p for p in encoder.parameters() if isinstance(p, DTensor)]
+        fractions.append(
+            sum(p.to_local().numel() for p in sharded) / sum(p.numel() for p in sharded)
+            if sharded
+            else 1.0
+        )
+        got = SplitTextEncoder(encoder, groups)(captions)
+        differences.append((got - reference(captions)).abs().max())
+    worst = torch.stack(differences).max()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return {"text_encoders": worst.item(), "text_encoder_shard": max(fractions)}
 
 
 if __name__ == "__main__":
