@@ -21,14 +21,16 @@ selective checkpointing (`selective` + `op`) and full checkpointing; each must g
 loss and gradients exactly.
 `data`: samples/s of the data loader on one process (for `webdataset`, on shards of
 shapes images it writes to a temporary folder first, or on --path).
-`step`: where the time of one training step of a config goes (trainer arguments, default
-flux/train_configs/debug_model.toml): data loading, text encoding, latent encoding, the
-transformer's forward+backward and the optimizer (clipping and the configured AdamW), the
-mean of --steps steps after --warmup, on one process; images/s, tokens/s, MFU (on a GPU
-torchtitan knows the peak of) and peak memory (CUDA's max allocated; on the CPU the
-process's peak RSS). --cache DIR trains on a precomputed cache; --compare precomputes one
-of the config's data to a temporary folder and runs both, each in a process of its own
-(so each peak RSS is its own).
+`step`: where the time of the trainer's own training step of a config goes (trainer
+arguments, default flux/train_configs/debug_model.toml): FluxTrainer on one process, its
+model sharded by FSDP over that process as every rank of a data-parallel run shards it,
+compiled and checkpointed as configured, with the configured optimizer. The parts: data
+loading, text encoding, latent encoding, the transformer's forward+backward, and the
+optimizer (clipping, the step's verdict, the update); the mean of --steps steps after
+--warmup; images/s, tokens/s, MFU (on a GPU torchtitan knows the peak of) and peak memory
+(CUDA's max allocated; on the CPU the process's peak RSS). --cache DIR trains on a
+precomputed cache; --compare precomputes one of the config's data to a temporary folder
+and runs both, each in a process of its own (so each peak RSS is its own).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 
@@ -315,7 +316,8 @@ PARTS = {
 
 
 class Laps:
-    """Wall time of consecutive parts of a step, the device synchronized at each lap."""
+    """Wall time of consecutive parts of a step, the device synchronized at each lap (the
+    trainer calls lap at the end of each part: FluxTrainer.lap)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -348,78 +350,56 @@ def peak_rss_mib() -> float:
 
 
 def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, Any]:
-    """Time the parts of training steps of a config, with or without a cache."""
-    from torchtitan.config import TORCH_DTYPE_MAP
+    """Time the parts of the trainer's own training steps of a config, with or without a
+    cache: FluxTrainer on one process, its model sharded by FSDP over that process as every
+    rank of a data-parallel run shards it, compiled and checkpointed as configured, with
+    the configured optimizer; nothing logged, validated or saved."""
     from torchtitan.tools.utils import get_peak_flops
 
     from flux.config import check_config, parse_config
-    from flux.flow import PRECOMPUTED, Encoded, flow_matching_loss
-    from flux.parallel.parallelize import (
-        apply_activation_checkpointing,
-        apply_compile,
-        compiles_model,
-    )
-    from flux.sampling import Streams
-    from flux.train_spec import FluxTrainArgs, build_flux_dataloader, build_preprocessor
+    from flux.flow import PRECOMPUTED
+    from flux.train import one_process
 
     job = parse_config(trainer_args)
     if args.cache is not None:
         job.training.dataset, job.training.dataset_path = PRECOMPUTED, str(args.cache)
     job.validation.enable = False  # the training step only: no validation encoders
+    job.checkpoint.enable = False
+    job.metrics.enable_tensorboard = job.metrics.enable_wandb = False
+    job.metrics.log_freq = args.warmup + args.steps + 1  # only step 1 logs, in the warmup
     check_config(job, world_size=1)
     training = job.training
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = FluxTrainArgs.of(flux_configs[job.model.flavor])
-    model_args.update_from_config(job)
-    torch.manual_seed(0)
-    model = FluxModel(model_args).to(device)
-    model.init_weights()
-    if job.activation_checkpoint.mode != "none":
-        apply_activation_checkpointing(
-            model, job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option
+    with one_process(job) as trainer:
+        device = trainer.device
+        laps = Laps(device)
+        trainer.lap = laps.lap
+        data = trainer.batch_generator(trainer.dataloader)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for step in range(1, args.warmup + args.steps + 1):
+            if step == args.warmup + 1:
+                laps.times = {name: [] for name in PARTS}  # warmup done: time what follows
+            trainer.step += 1  # as torchtitan's loop counts and collects garbage
+            trainer.gc_handler.run(trainer.step)
+            laps.start()
+            trainer.train_step(data)
+        trainer.settle()
+        model_args, preprocess = trainer.model_args, trainer.preprocess
+        parts = (preprocess.t5, preprocess.clip, preprocess.autoencoder)
+        frozen = [m for m in parts if m is not None]
+        frozen_bytes = sum(
+            p.numel() * p.element_size() for m in frozen for p in m.parameters() if not p.is_meta
         )
-    if compiles_model(job.compile):
-        apply_compile(model, job.compile.backend)
-    o = job.optimizer
-    optimizer = getattr(torch.optim, o.name)(
-        model.parameters(),
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        fused=o.implementation == "fused",
-        foreach=o.implementation == "foreach",
-    )
-    amp_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
-    amp = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    preprocess = build_preprocessor(job, model_args, device)
-    batches = iter(build_flux_dataloader(1, 0, None, job))
+        if device.type == "cuda":
+            peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+            memory = "max allocated CUDA memory"
+        else:
+            peak_mib = peak_rss_mib()
+            memory = "peak RSS"
 
-    laps = Laps(device)
-    for step in range(1, args.warmup + args.steps + 1):
-        if step == args.warmup + 1:
-            laps = Laps(device)  # warmup done: keep only the timed steps
-        laps.start()
-        batch = next(batches)
-        laps.lap("data")
-        streams = Streams.of(training.seed_data, step, batch["keys"], device)
-        txt, y = preprocess.encode_text(batch, preprocess.settings.dropout_prob, streams)
-        laps.lap("text")
-        latents = preprocess.encode_latents(batch, streams)
-        laps.lap("latents")
-        flow = preprocess.sample_flow(Encoded.of(latents, txt, y), streams)
-        with amp:
-            loss = flow_matching_loss(model, flow)
-        loss.backward()
-        laps.lap("fwd_bwd")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_norm, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        laps.lap("optimizer")
-
-    ms = {name: 1e3 * statistics.mean(t) for name, t in laps.times.items()}
+    ms = {name: 1e3 * sum(t) / args.steps for name, t in laps.times.items()}
     ms["step"] = sum(ms.values())
-    batch_size = training.local_batch_size
+    batch_size = training.local_batch_size * trainer.gradient_accumulation_steps
     images_per_s = batch_size / (ms["step"] / 1e3)
     img_tokens = (training.img_size // 16) ** 2
     txt_tokens = job.encoder.max_t5_encoding_len
@@ -430,15 +410,6 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         if peak != A100_PEAK_FLOPS or "A100" in name:  # torchtitan assumes an A100 if unknown
             flops = training_flops_per_sample(model_args, img_tokens, txt_tokens)
             mfu = 100 * flops * images_per_s / peak
-        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        memory = "max allocated CUDA memory"
-    else:
-        peak_mib = peak_rss_mib()
-        memory = "peak RSS"
-    frozen = [m for m in (preprocess.t5, preprocess.clip, preprocess.autoencoder) if m is not None]
-    frozen_bytes = sum(
-        p.numel() * p.element_size() for m in frozen for p in m.parameters() if not p.is_meta
-    )
     return {
         "flavor": job.model.flavor,
         "dataset": training.dataset,
@@ -447,6 +418,8 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         "threads": torch.get_num_threads(),
         "batch": batch_size,
         "img_size": training.img_size,
+        "compile": job.compile.enable,
+        "activation_checkpoint": job.activation_checkpoint.mode,
         "steps": args.steps,
         "warmup": args.warmup,
         "ms": ms,
@@ -485,8 +458,10 @@ def step_table(results: list[dict[str, Any]]) -> str:
     """The results side by side, one column per run."""
     first = results[0]
     lines = [
-        f"training step of {first['flavor']}: batch {first['batch']} at {first['img_size']}px on "
-        f"{first['device']} ({first['threads']} threads), mean of {first['steps']} steps after "
+        f"the trainer's step of {first['flavor']}: batch {first['batch']} at {first['img_size']}px "
+        f"on {first['device']} ({first['threads']} threads), FSDP over one process, compile "
+        f"{'on' if first['compile'] else 'off'}, activation checkpointing "
+        f"{first['activation_checkpoint']}; mean of {first['steps']} steps after "
         f"{first['warmup']} warmup"
     ]
     names = ["precomputed" if r["cache"] else r["dataset"] for r in results]
