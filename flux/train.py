@@ -65,8 +65,8 @@ class FluxTrainer(Trainer):
         self.stop_error: NonFiniteLossError | None = None  # ends the loop without a traceback
         self.nonfinite = NonFiniteSteps(job_config.training.max_nonfinite_steps)
         self.verdicts: deque[StepVerdict] = deque()  # on their way to the host, oldest first
-        self.settings = ExitStack()  # process-wide settings the trainer sets, undone by close
-        self.settings.enter_context(preferred_attention(job_config.training.attention_backend))
+        self.process_wide = ExitStack()  # what the trainer sets for the process; close undoes
+        self.process_wide.enter_context(preferred_attention(job_config.training.attention_backend))
         seam.install()
         super().__init__(job_config)
         if self.device.type == "cpu":
@@ -139,7 +139,7 @@ class FluxTrainer(Trainer):
 
     def close(self) -> None:
         super().close()
-        self.settings.close()
+        self.process_wide.close()
 
     def train_step(self, data_iterator: Iterator[dict[str, Any]]) -> None:  # type: ignore[override]
         """One optimizer step over gradient_accumulation_steps micro-batches, its metrics, and
@@ -312,29 +312,27 @@ def preferred_attention(backend: str) -> AbstractContextManager[None]:
     """While entered, scaled_dot_product_attention prefers the training.attention_backend
     kernels: cuDNN's first (then PyTorch's order), or FlashAttention-3 as the flash kernel.
     Entered before the model compiles, so the compiled graphs pick the same kernels."""
-    from torch.nn.attention import (
-        SDPBackend,
-        activate_flash_attention_impl,
-        restore_flash_attention_impl,
-        sdpa_kernel,
-    )
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if backend == "cudnn":
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
         order += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         return sdpa_kernel(order, set_priority=True)
     if backend == "flash3":
-
-        @contextmanager
-        def flash3() -> Iterator[None]:
-            activate_flash_attention_impl("FA3")
-            try:
-                yield
-            finally:
-                restore_flash_attention_impl()
-
-        return flash3()
+        return flash_attention_3()
     return nullcontext()
+
+
+@contextmanager
+def flash_attention_3() -> Iterator[None]:
+    """FlashAttention-3 (flash_attn_interface) as SDPA's flash kernel while entered."""
+    from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
+
+    activate_flash_attention_impl("FA3")
+    try:
+        yield
+    finally:
+        restore_flash_attention_impl()
 
 
 def main(argv: list[str] | None = None) -> None:

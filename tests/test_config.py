@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from torchtitan.tools.utils import has_cuda_capability
 
 from flux.config import DEBUG_CONFIG, ConfigError, check_config, parse_config, resolve_path
@@ -187,3 +188,12 @@ def test_op_level_checkpointing_of_all_but_the_last_blocks_passes() -> None:
     job = config(*args, "--activation_checkpoint.skip_last_blocks", "2")
     check_config(job, 1)
     assert job.activation_checkpoint.skip_last_blocks == 2
+
+
+def test_a_preferred_attention_backend_needs_a_gpu() -> None:
+    check_config(config("--training.attention_backend", "default"), 1)  # runs anywhere
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in refused("--training.attention_backend", "cudnn")
+        assert "needs a CUDA GPU" in refused("--training.attention_backend", "flash3")
+    else:
+        check_config(config("--training.attention_backend", "cudnn"), 1)
