@@ -62,8 +62,9 @@ class StepVerdict:
     any rank was asked to stop, combined across ranks by one all-reduce (max) so that all
     ranks decide alike. `nonfinite` stays there for the optimizer to skip on
     (flux.seam.skipped_where). The host reads the copy (`read`) only when it must know: a
-    step later, or when it logs or saves; by then the copy has landed, and reading it waits
-    for nothing. Nothing here reads a tensor back.
+    step later, when the device has long passed that point in the queue (the host then
+    never runs more than a step ahead), or when it logs or saves. Nothing here reads a
+    tensor back.
     """
 
     def __init__(self, step: int, loss: Tensor, grad_norm: Tensor, stop_requested: bool):
