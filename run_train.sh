@@ -9,12 +9,22 @@
 # arguments go to the trainer.
 # SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint; the script then
 # exits with 75 (run it again to resume).
+# It runs in the active environment if that has this checkout's flux installed, else in .venv,
+# which the first run sets up (TORCH_SPEC: pip's arguments for torch; see
+# flux/scripts/setup_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
+. flux/scripts/setup_env.sh
+flux_use_env
 
 if [ -z "${NGPU:-}" ]; then
     NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
+case "${NGPU}" in  # a count torchrun would take badly
+    *[!0-9]* | "" | 0 | 0*)
+        echo "flux: error: NGPU=${NGPU}: give the number of processes to start, 1 or more" >&2
+        exit 2 ;;
+esac
 CONFIG_FILE=${CONFIG_FILE:-"flux/train_configs/debug_model.toml"}
 LOG_RANK=${LOG_RANK:-0}
 

@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor, nn
 from torchtitan.tools.logging import logger
 
 from flux.data.caption_dropout import drop_captions, dropout_masks
 from flux.data.precomputed import TextTable
+from flux.data.transforms import device_images
 from flux.model.args import AutoEncoderParams
 from flux.model.autoencoder import AutoEncoder, load_ae, posterior_latents
 from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
@@ -107,9 +109,16 @@ def build_text_encoders(
     settings: EncoderSettings, device: torch.device
 ) -> tuple[TextEncoder, TextEncoder]:
     """T5 and CLIP as the [encoder] section sets them (the trainer's and precompute's)."""
-    t5 = TextEncoder("t5", settings.t5_encoder, settings.max_t5_encoding_len, settings.dtype)
-    clip = TextEncoder("clip", settings.clip_encoder, CLIP_MAX_LENGTH, settings.dtype)
-    return t5.to(device), clip.to(device)
+    encoders = []
+    for kind, name, length in (
+        ("t5", settings.t5_encoder, settings.max_t5_encoding_len),
+        ("clip", settings.clip_encoder, CLIP_MAX_LENGTH),
+    ):
+        try:
+            encoders.append(TextEncoder(kind, name, length, settings.dtype).to(device))
+        except OSError as e:  # transformers' answer to a missing or unreachable model
+            raise EncoderError(f"encoder.{kind}_encoder: {' '.join(str(e).split())}") from None
+    return encoders[0], encoders[1]
 
 
 def build_autoencoder(
@@ -117,10 +126,17 @@ def build_autoencoder(
 ) -> AutoEncoder:
     """The autoencoder as the [encoder] section sets it, in its dtype, its encoder
     channels-last (see encode_images)."""
-    autoencoder = load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
+    try:
+        autoencoder = load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise EncoderError(f"encoder.autoencoder_path: {' '.join(str(e).split())}") from None
     # (Module.to takes memory_format; torch's type hints for it do not list it)
     autoencoder.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return autoencoder
+
+
+class EncoderError(ValueError):
+    """A frozen encoder that cannot be built from its setting; one line naming it."""
 
 
 def encode_images(autoencoder: AutoEncoder, images: Tensor) -> Tensor:
@@ -214,7 +230,10 @@ class FluxPreprocessor:
             moments = to_device(batch["moments"], self.device)
         else:
             assert self.autoencoder is not None
-            images = to_device(batch["images"], self.device, self.dtype)
+            # uint8 -> [-1, 1]; pinned first (as it is where the loader pinned it), so the
+            # copy to the device does not wait for it
+            pixels = to_device(batch["images"], self.device)
+            images = device_images(pixels, self.device, self.dtype)
             moments = encode_images(self.autoencoder, images)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
         noise = streams.randn((c, h, w), self.device)

@@ -1,7 +1,7 @@
 """The TOML sections this package adds to torchtitan's JobConfig.
 
 torchtitan merges these dataclasses field by field into its own (`job.custom_config_module =
-"flux.job_config"`): `[encoder]` and `[inference]` are new sections, and `[training]`,
+"flux.job_config"`): `[encoder]`, `[ema]` and `[inference]` are new sections, and `[training]`,
 `[validation]` and `[activation_checkpoint]` gain the fields below. Each docstring is what
 `--help` shows.
 """
@@ -56,9 +56,25 @@ class Training:
     flash3 (FlashAttention-3 on Hopper GPUs; needs the flash_attn_interface package). Not
     measured on this project's GPUs yet: try it with `benchmark step` first"""
 
+    shards_open: int = 8
+    """Shards each data stream reads at once, taking each next record from one of them at
+    random (webdataset, cc12m-wds): consecutive samples come from different shards"""
+
+    data_streams: int = 0
+    """Streams the data is read as, each a fixed sequence of samples (0: data-parallel degree
+    × dataloader num_workers at the run's first start). Checkpoints keep it: a resume may use
+    any data-parallel degree that divides it, so set it to a multiple of the degrees a run
+    may move between (more streams: more shards open per rank)"""
+
     max_nonfinite_steps: int = 10
     """A step whose loss or gradients are not finite is not applied; after this many in a
     row the run stops (its last checkpoint intact)"""
+
+    max_skipped_fraction: float = 0.1
+    """Bad samples (undecodable images, missing captions, unreadable cache shards) are
+    skipped and counted; when more than this fraction of the samples read were skipped
+    (judged from the 1000th sample read on), the run stops instead of training on what is
+    left (1 never stops)"""
 
 
 @dataclass
@@ -103,6 +119,35 @@ class Validation:
 
 
 @dataclass
+class Ema:
+    enable: bool = False
+    """Keep an exponential moving average (EMA) of the weights: float32, per shard, saved in
+    full checkpoints as ema.*; validated, exported (convert to-flux --ema) and sampled
+    (run_infer.sh) beside or instead of the raw weights"""
+
+    decay: float = 0.9999
+    """Decay of the average per update (each update keeps decay of it), in [0, 1)"""
+
+    warmup: bool = True
+    """Ramp the decay up as min(decay, (1 + k) / (10 + k)) over the updates k, so the first
+    steps' weights are forgotten soon; without it every update uses decay"""
+
+    update_every: int = 1
+    """Update the average every N training steps (its horizon is then N / (1 - decay) steps)"""
+
+    start_step: int = 0
+    """The first training step that updates the average (its first update copies the
+    weights); validation and export of the average wait for it"""
+
+    cpu_offload: bool = False
+    """Keep the average in host memory (each update copies the weights to the host)"""
+
+    validation: Literal["raw", "ema", "both"] = "both"
+    """Which weights validation evaluates when the average is kept: raw, ema or both (the
+    average's loss is validation_metrics/ema_loss, its images validation/ema/step_N.png)"""
+
+
+@dataclass
 class Inference:
     prompts: list[str] = field(default_factory=list)
     """Prompts to sample (or use prompts_path)"""
@@ -120,4 +165,5 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     validation: Validation = field(default_factory=Validation)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    ema: Ema = field(default_factory=Ema)
     inference: Inference = field(default_factory=Inference)

@@ -27,6 +27,9 @@ upgrade fails there, loudly, rather than in a run.
   `found_inf` tensor torch.amp.GradScaler hands them is nonzero (their step reads it from
   the optimizer and passes it to the private `_fused_adam`); no public API takes a
   device-side "skip" otherwise, and reading the verdict on the host would wait for the step.
+- The EMA of the weights (flux.ema) gives DCP its shards as DTensors over tensors where
+  they are: `DTensor.from_local` would move a host-memory average to the mesh's device (all
+  of it, at every save); FSDP's CPU offload builds its parameters the same private way.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ PINNED = {
         "found_inf, *, amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, "
         "capturable, differentiable, decoupled_weight_decay)"
     ),
+    "torch.distributed.tensor._dtensor_spec.DTensorSpec.__init__": (
+        "(self, mesh, placements, tensor_meta=None, shard_order=None, "
+        "use_strided_shard_as_shard_order=None)"
+    ),
+    "torch.distributed.tensor._dtensor_spec.TensorMeta": "(shape, stride, dtype)",
 }
 
 # Modules of torchtitan that copy device_type / device_module at import.
@@ -259,6 +267,18 @@ def skipped_where(optimizers: Iterable[torch.optim.Optimizer], found_inf: Tensor
             del optimizer.found_inf  # type: ignore[attr-defined]
 
 
+# -- a DTensor over a tensor where it is ----------------------------------------------------
+def dtensor_over(local: Tensor, like: Any) -> Any:
+    """A DTensor with the mesh, placements, shape and stride of DTensor `like` whose local
+    tensor is `local` itself (its dtype; on whatever device it is), not a copy."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    meta = TensorMeta(like.shape, like.stride(), local.dtype)
+    spec = DTensorSpec(like.device_mesh, tuple(like.placements), tensor_meta=meta)
+    return DTensor(local, spec, requires_grad=False)  # type: ignore[call-arg]
+
+
 # -- a first screen without noise ---------------------------------------------------------
 # What the libraries print that a user cannot act on: (logger, message start) pairs, and
 # Python warnings by message.
@@ -270,6 +290,10 @@ QUIET_LOGS = {
     ],
     "any": [
         ("root", "ENV[TORCH_NCCL_ASYNC_ERROR_HANDLING]"),  # torchtitan sets its own value
+        # torchtitan says it at the end of any run, stopped or failed too; FluxTrainer.train
+        # says it only when the last step was applied
+        ("root", "Training completed"),
+        ("root", "Sleeping 2 seconds for other ranks to complete"),
     ],
 }
 QUIET_LOGGERS_ON_CPU = (
@@ -283,17 +307,28 @@ QUIET_WARNINGS = (
 )
 
 
+OWN = "flux_own"  # logger.info(..., extra={OWN: True}) passes the filters below
+
+
 class _DropMessages(logging.Filter):
     def __init__(self, starts: list[str]):
         super().__init__()
         self.starts = tuple(starts)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        own = getattr(record, OWN, False)  # flux's own line of the same text
+        return own or not str(record.msg).startswith(self.starts)
+
+
+_quieted: set[str] = set()  # the device types quiet was called for
 
 
 def quiet(device_type: str) -> None:
-    """Keep out of the log what the libraries print that a user cannot act on."""
+    """Keep out of the log what the libraries print that a user cannot act on (once per
+    process; the trainer's install and the tools call it)."""
+    if device_type in _quieted:
+        return
+    _quieted.add(device_type)
     drops: dict[str, list[str]] = {}
     for name, start in QUIET_LOGS["any"] + (QUIET_LOGS["cpu"] if device_type == "cpu" else []):
         drops.setdefault(name, []).append(start)

@@ -11,7 +11,10 @@ differ, and a resumed run, with gradient accumulation or on another world size, 
 each sample exactly what the unbroken run drew.
 
 A step whose loss or gradients are not finite is not applied; SIGTERM/SIGUSR1 stop the run
-after the current step with a checkpoint (flux.resilience).
+after the current step with a checkpoint; too much skipped data stops it (flux.resilience).
+The end of a run says how much data was skipped and which steps were not applied, and
+"Training completed" only when its last step was applied. With [ema], each applied step
+may update an average of the weights (flux.ema), checkpointed and validated with them.
 """
 
 from __future__ import annotations
@@ -37,20 +40,25 @@ from torchtitan.train import Trainer
 from flux import seam
 from flux.checkpoint import CheckpointError, FluxCheckpointManager
 from flux.config import ConfigError, check_config, parse_config
-from flux.flow import FlowBatch, flow_matching_loss
+from flux.data.precomputed import CacheError
+from flux.data.streams import DataError
+from flux.ema import EMA, build_average
+from flux.flow import EncoderError, FlowBatch, flow_matching_loss
 from flux.parallel.context_parallel import shard_sequence
 from flux.parallel.frozen import parallelize_frozen
 from flux.parallel.parallelize import compiles_model
 from flux.resilience import (
     REQUEUE_EXIT_CODE,
-    NonFiniteLossError,
     NonFiniteSteps,
+    RunError,
+    Skips,
     StepVerdict,
     StopSignals,
+    skip_counts,
     write_requeue_file,
 )
 from flux.sampling import Streams
-from flux.train_spec import build_preprocessor
+from flux.train_spec import build_preprocessor, ema_settings
 from flux.validate import FluxValidator
 
 
@@ -62,7 +70,7 @@ class FluxTrainer(Trainer):
         self.stop_signals = StopSignals()
         self.stop_signals.install()  # before the (long) set-up: a signal then stops at step 1
         self.preempted = False
-        self.stop_error: NonFiniteLossError | None = None  # ends the loop without a traceback
+        self.stop_error: RunError | None = None  # ends the loop without a traceback
         self.nonfinite = NonFiniteSteps(job_config.training.max_nonfinite_steps)
         self.verdicts: deque[StepVerdict] = deque()  # on their way to the host, oldest first
         self.process_wide = ExitStack()  # what the trainer sets for the process; close undoes
@@ -79,9 +87,14 @@ class FluxTrainer(Trainer):
         assert isinstance(self.checkpointer, FluxCheckpointManager), "flux.seam.install"
         self.checkpointer.attach(self.should_save, plain_layouts=self.parallel_dims.tp_enabled)
         self.skips_on_device = all(seam.skips_on_device(o) for o in self.optimizers)
+        self.ema = build_average(self.model_parts[0], ema_settings(job_config))
+        if self.ema is not None:
+            self.checkpointer.states[EMA] = self.ema  # saved, loaded and resharded by DCP
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+        self.batch_group = batch_mesh.get_group() if batch_mesh is not None else None
         self.images_since_log = 0
+        self.samples_used = 0  # by this rank, since this start
         # Marks the end of a part of the step (data, text, latents, fwd_bwd, optimizer):
         # `benchmark step` times the parts of this very step with it.
         self.lap: Callable[[str], None] = lambda part: None
@@ -89,7 +102,7 @@ class FluxTrainer(Trainer):
         if job_config.validation.enable:
             assert isinstance(self.validator, FluxValidator)
             self.flux_validator = self.validator
-            self.flux_validator.attach(self.preprocess, self.device)
+            self.flux_validator.attach(self.preprocess, self.device, self.ema)
 
     def batch_generator(self, data_iterable: Iterable[Any]) -> Iterator[dict[str, Any]]:
         """Batches of {"images", "captions", "keys"}; counts tokens and loading time."""
@@ -101,6 +114,7 @@ class FluxTrainer(Trainer):
                 batch = next(iterator)
             except StopIteration as e:
                 raise DataloaderExhaustedError() from e
+            self.samples_used += len(batch["captions"])
             ntokens = len(batch["captions"]) * seq_len
             self.ntokens_seen += ntokens
             self.metrics_processor.ntokens_since_last_log += ntokens
@@ -134,8 +148,21 @@ class FluxTrainer(Trainer):
         return not stop and super().should_continue_training()
 
     def train(self) -> None:
+        """torchtitan's loop, then the end of the run: the data skipped, the steps not
+        applied, and "Training completed" only when the last step was applied."""
         super().train()
         self.settle()  # the last steps' verdicts: the run ends knowing what each step did
+        logger.info(f"data: {self.skips().line()}")
+        summary = self.nonfinite.summary()
+        if summary is not None:
+            logger.warning(summary)
+        if self.stop_error is None and not self.preempted:
+            try:
+                self.nonfinite.check_last_step(self.step)
+            except RunError as e:
+                self.stop_error = e
+        if self.stop_error is None and not self.preempted:
+            logger.info("Training completed", extra={seam.OWN: True})
 
     def close(self) -> None:
         super().close()
@@ -149,6 +176,12 @@ class FluxTrainer(Trainer):
         # The previous step's verdict, read a step late: its copy landed while this step was
         # queued. Every rank reads it here, so all stop after the same step.
         self.settle(through=self.step - 1)
+        if self.ema is not None and self.stop_error is None:
+            # Whether this step was applied is known on the device only: the update is
+            # masked there (an unchanged average where it was not), and settle uncounts it.
+            # After the previous verdicts, so the update count (the warm-up's decay) is true.
+            verdict = self.verdicts[-1]
+            verdict.averaged = self.ema.update(self.step, not_applied=verdict.nonfinite)
         logs = self.metrics_processor.should_log(self.step)
         if logs:
             self.settle()
@@ -158,7 +191,14 @@ class FluxTrainer(Trainer):
             why = self.stop_signals.received or "a signal to another rank"
             logger.warning(f"step {self.step}: stopping for {why}; saving a checkpoint")
         if logs:
-            self.log_step(loss, grad_norm, lr)
+            # Gathers the skip counts over the data-parallel ranks: on logging steps only,
+            # which wait for the device anyway (settle above).
+            skips = self.skips()
+            self.log_step(loss, grad_norm, lr, skips)
+            try:
+                skips.check(self.job_config.training.max_skipped_fraction)
+            except RunError as e:
+                self.stop_error = e
         if self.flux_validator is not None and self.flux_validator.is_due(self.step):
             self.flux_validator.validate(self.model_parts, self.step)
             self.images_since_log = 0  # the metrics' clock restarts after validation
@@ -199,20 +239,27 @@ class FluxTrainer(Trainer):
 
     def settle(self, through: int | None = None) -> None:
         """Read the verdicts of the steps up to `through` (all when None): count the steps
-        not applied, note a stop asked for on any rank. Too many not applied in a row end
-        the run (stop_error)."""
+        not applied (and the average's updates they did not make), note a stop asked for on
+        any rank. Too many not applied in a row end the run (stop_error)."""
         while self.verdicts and (through is None or self.verdicts[0].step <= through):
             verdict = self.verdicts.popleft()
             loss, grad_norm, finite, stop = verdict.read()
             self.preempted = self.preempted or stop
+            if not finite and verdict.averaged and self.ema is not None:
+                self.ema.not_applied()
             if self.stop_error is not None:
                 continue
             try:
                 self.nonfinite.record(verdict.step, finite, loss, grad_norm)
-            except NonFiniteLossError as e:
+            except RunError as e:
                 self.stop_error = e  # ends the loop without a traceback
 
-    def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float) -> None:
+    def skips(self) -> Skips:
+        """What the training data loader skipped and what it gave, over the data-parallel
+        ranks (every rank calls this)."""
+        return Skips.gather(skip_counts(self.dataloader), self.samples_used, self.batch_group)
+
+    def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float, skips: Skips) -> None:
         if self.parallel_dims.dp_enabled or self.parallel_dims.cp_enabled:
             mesh = self.parallel_dims.get_mesh("loss")  # batch × cp: each holds a mean
             avg_loss = dist_utils.dist_mean(loss, mesh)
@@ -236,6 +283,7 @@ class FluxTrainer(Trainer):
             "time_metrics/data_loading(s)": sum(mp.data_loading_times) / steps,
             "memory/max_reserved(GiB)": memory.max_reserved_gib,
             "memory/max_reserved(%)": memory.max_reserved_pct,
+            **skips.metrics("data/"),
         }
         line = (
             f"step: {self.step:2}  loss: {avg_loss:8.5f}  grad_norm: {metrics['grad_norm']:7.4f}"
@@ -246,6 +294,8 @@ class FluxTrainer(Trainer):
             tflops = mp.num_flops_per_token * tps / 1e12
             metrics |= {"tflops": tflops, "mfu(%)": 100 * tflops * 1e12 / mp.gpu_peak_flops}
             line += f"  tflops: {tflops:,.1f}  mfu: {metrics['mfu(%)']:.1f}%"
+        if skips.total:
+            line += f"  skipped: {skips.total} ({skips.kinds()})"
         mp.logger.log(metrics, self.step)
         logger.info(line)
         self.images_since_log = mp.ntokens_since_last_log = 0
@@ -351,17 +401,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = FluxTrainer(config)
         trainer.train()
+        trainer.checkpointer.wait_for_save()  # an asynchronous save, and its checksums
         if trainer.stop_error is not None:
             raise trainer.stop_error
         if trainer.preempted:
-            trainer.checkpointer.wait_for_save()
             folder = trainer.checkpointer.folder if trainer.checkpointer.enable else None
             write_requeue_file(trainer.step, folder)
             sys.exit(REQUEUE_EXIT_CODE)
-    except CheckpointError as e:
+    except (CheckpointError, CacheError, EncoderError, DataError) as e:  # a file a setting names
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except RunError as e:
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:

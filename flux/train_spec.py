@@ -25,6 +25,7 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
 from flux.data.dataloader import CaptionedImageLoader
 from flux.data.precomputed import TextTable
+from flux.ema import EmaSettings
 from flux.flow import PRECOMPUTED, EncoderSettings, FlowSettings, FluxPreprocessor, FrozenParts
 from flux.generate import SampleSettings
 from flux.model.args import FluxModelArgs, flux_configs, training_flops_per_sample
@@ -84,7 +85,11 @@ def build_flux_dataloader(
         seed=training.seed_data,
         path=training.dataset_path,
         num_workers=training.dataloader.num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=training.dataloader.pin_memory,
+        prefetch_factor=training.dataloader.prefetch_factor,
+        persistent_workers=training.dataloader.persistent_workers,
+        shards_open=training.shards_open,
+        data_streams=training.data_streams,
     )
 
 
@@ -163,6 +168,29 @@ def validation_settings(job_config: JobConfig) -> ValidationSettings:
         sampling=sampling,
         seed=training.seed_data,
         folder=Path(job_config.job.dump_folder) / "validation",
+        weights=validated_weights(job_config),
+    )
+
+
+def validated_weights(job_config: JobConfig) -> tuple[str, ...]:
+    """Which weights validation evaluates: "raw", "ema" (the average), or both."""
+    ema = job_config.ema
+    if not ema.enable:
+        return ("raw",)
+    return {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}[ema.validation]
+
+
+def ema_settings(job_config: JobConfig) -> EmaSettings | None:
+    """The [ema] section (None: no average is kept)."""
+    ema = job_config.ema
+    if not ema.enable:
+        return None
+    return EmaSettings(
+        decay=ema.decay,
+        warmup=ema.warmup,
+        update_every=ema.update_every,
+        start_step=ema.start_step,
+        cpu_offload=ema.cpu_offload,
     )
 
 

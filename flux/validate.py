@@ -8,6 +8,10 @@ logged as validation_metrics/loss, with the loss at each t_k beside it.
 guidance from fixed noise, saved by rank 0 as <dump_folder>/validation/step_<N>.png, one row
 with each prompt under its image.
 
+With [ema] enabled, both are made for the average of the weights too (or instead:
+ema.validation), which is swapped into the model for the duration: its loss is logged as
+validation_metrics/ema_loss (and ema_loss_t...), its images saved under validation/ema/.
+
 Both run forward only, inside parallelize.forward_only, so FSDP units are resharded after
 and a checkpoint saved right after validation sees the usual sharded parameters; on
 whole sequences, inside context_parallel.whole_sequence (every rank of a context-parallel
@@ -18,7 +22,7 @@ autoencoder encoder for validation's shapes (without_recompiling).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,12 @@ from torchtitan.tools.logging import logger
 
 from flux.data.dataloader import CaptionedImageLoader
 from flux.data.dataset import held_out_seed, split_seed
+from flux.ema import WeightAverage
 from flux.flow import FluxPreprocessor, flow_matching_loss
 from flux.generate import SampleSettings, generate, image_grid
 from flux.parallel.context_parallel import whole_sequence
 from flux.parallel.parallelize import forward_only
+from flux.resilience import Skips, skip_counts
 from flux.sampling import Streams
 
 
@@ -70,6 +76,7 @@ class ValidationSettings:
     sampling: SampleSettings  # the images sampled for the prompts
     seed: int  # the run's data seed; held-out draws derive from it
     folder: Path  # where the image grids go
+    weights: tuple[str, ...] = ("raw",)  # "raw" and/or "ema" (the average; flux.ema)
 
 
 class FluxValidator(BaseValidator):
@@ -94,10 +101,17 @@ class FluxValidator(BaseValidator):
         self.metrics_processor = metrics_processor
         self.preprocess: FluxPreprocessor | None = None  # attached by FluxTrainer
         self.device = torch.device("cpu")
+        self.average: WeightAverage | None = None
 
-    def attach(self, preprocess: FluxPreprocessor, device: torch.device) -> None:
-        """The trainer's frozen encoders (built once, shared with training)."""
-        self.preprocess, self.device = preprocess, device
+    def attach(
+        self,
+        preprocess: FluxPreprocessor,
+        device: torch.device,
+        average: WeightAverage | None = None,
+    ) -> None:
+        """The trainer's frozen encoders (built once, shared with training), and the
+        average of the weights it keeps, if any."""
+        self.preprocess, self.device, self.average = preprocess, device, average
 
     def should_validate(self, step: int) -> bool:
         # torchtitan's loop validates after it saves the step's checkpoint; FluxTrainer runs
@@ -120,12 +134,22 @@ class FluxValidator(BaseValidator):
             path=s.dataset_path,
         )
 
-    @torch.no_grad()
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
+        """Validate the weights the settings name: the model's, the average's, or both."""
+        for weights in self.settings.weights:
+            average = self.average if weights == "ema" else None
+            if weights == "ema" and (average is None or not average.started):
+                logger.info(f"validate step: {step:2}  the EMA has not started: not validated")
+                continue
+            with average.swapped_in() if average is not None else nullcontext():
+                self.validate_weights(model_parts, step, weights)
+
+    @torch.no_grad()
+    def validate_weights(self, model_parts: list[nn.Module], step: int, weights: str) -> None:
         model = model_parts[0]
         model.eval()
         with forward_only(model), whole_sequence(model), without_recompiling():
-            losses = self.loss(model)
+            losses, skips = self.loss(model)
             images = self.sample(model)
         model.train()
         mean = losses.mean()
@@ -136,20 +160,36 @@ class FluxValidator(BaseValidator):
         else:
             per_t, loss = losses.tolist(), mean.item()
         times = stratified_timesteps(len(per_t)).tolist()
-        extra = {f"validation_metrics/loss_t{t:.2f}": v for t, v in zip(times, per_t)}
-        self.metrics_processor.log_validation(loss, step, extra_metrics=extra)
+        name = "ema_loss" if weights == "ema" else "loss"
+        extra = {f"validation_metrics/{name}_t{t:.2f}": v for t, v in zip(times, per_t)}
+        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
+        skipped = Skips.gather(
+            skips.counts, skips.used, batch_mesh.get_group() if batch_mesh is not None else None
+        )
+        if skipped.total:
+            logger.warning(f"validation of step {step}: {skipped.line()}")
+        if weights == "ema":  # torchtitan's log_validation names the raw weights' metrics
+            self.metrics_processor.logger.log({"validation_metrics/ema_loss": loss} | extra, step)
+            logger.info(f"validate step: {step:2}  ema loss: {loss:7.4f}")
+        else:
+            extra |= skipped.metrics("validation_metrics/")
+            self.metrics_processor.log_validation(loss, step, extra_metrics=extra)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            self.save_grid(images, step)
+            self.save_grid(images, step, "ema" if weights == "ema" else "")
 
-    def loss(self, model: nn.Module) -> torch.Tensor:
-        """(K,) mean loss over the held-out batches at each stratified timestep."""
+    def loss(self, model: nn.Module) -> tuple[torch.Tensor, Skips]:
+        """(K,) mean loss over the held-out batches at each stratified timestep, and what
+        this rank's loader skipped and gave for them."""
         assert self.preprocess is not None, "FluxTrainer attaches the encoders"
         s = self.settings
         times = stratified_timesteps(s.loss_timesteps).to(self.device)
         totals = torch.zeros(len(times), device=self.device)
-        iterator = iter(self.loader())
+        loader = self.loader()
+        iterator = iter(loader)
+        used = 0
         for _ in range(s.steps):
             batch = next(iterator)
+            used += len(batch["captions"])
             streams = Streams.of(held_out_seed(s.seed), 0, batch["keys"], self.device)
             encoded = self.preprocess.encode(batch, 0.0, streams)
             noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
@@ -157,7 +197,7 @@ class FluxValidator(BaseValidator):
                 t_batch = t.expand(encoded.x0.shape[0])
                 flow = self.preprocess.flow(encoded, t_batch, noise)
                 totals[k] += flow_matching_loss(model, flow).detach()
-        return totals / s.steps
+        return totals / s.steps, Skips(skip_counts(loader), used)
 
     def sample(self, model: nn.Module) -> torch.Tensor:
         """Every rank samples the same prompts (FSDP needs every rank in each forward)."""
@@ -176,10 +216,11 @@ class FluxValidator(BaseValidator):
             pre.settings.guidance_embed,
         )
 
-    def save_grid(self, images: torch.Tensor, step: int) -> Path:
+    def save_grid(self, images: torch.Tensor, step: int, subfolder: str = "") -> Path:
         grid, info = image_grid(images, list(self.settings.sample_prompts))
-        self.settings.folder.mkdir(parents=True, exist_ok=True)
-        path = self.settings.folder / f"step_{step:06d}.png"
+        folder = self.settings.folder / subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{step:06d}.png"
         grid.save(path, pnginfo=info)
         logger.info(f"validation images of step {step}: {path}")
         return path

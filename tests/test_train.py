@@ -1,8 +1,9 @@
 """The trainer end to end, through ./run_train.sh (torchrun; gloo on the CPU).
 
 Two reference runs of 4 steps are made once per session: one process (local batch 4), and
-FSDP over two processes (local batch 4, global 8). Both validate at steps 2 and 4 and
-save a checkpoint at step 2, right after that validation. Other runs are compared to them.
+FSDP over two processes (local batch 4, global 8). Both keep an average of the weights
+([ema]), validate the weights and the average at steps 1, 2 and 4, and save a checkpoint
+at step 2, right after that validation. Other runs are compared to them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 
 from flux.generate import grid_tiles
 from tests.caches import make_cache
-from tests.launch import Run, run_train
+from tests.launch import Run, average_at, run_train
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +36,7 @@ VALIDATE = (
     "2",
 )
 CHECKPOINT = ("--checkpoint.enable", "--checkpoint.interval", "2")
+EMA = ("--ema.enable", "--ema.decay", "0.5")  # from step 1, validated beside the weights
 
 
 def assert_same_losses(run: Run, reference: Run, steps: list[int], rel: float = 1e-5) -> None:
@@ -53,15 +55,21 @@ def checkpoint_at(reference: Path, step: int, dump: Path) -> None:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> tuple[Run, Path]:
     dump = tmp_path_factory.mktemp("single")
-    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, "--metrics.enable_tensorboard")
+    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, *EMA, "--metrics.enable_tensorboard")
     return run_train(dump, *args), dump
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory) -> tuple[Run, Path]:
     dump = tmp_path_factory.mktemp("fsdp")
-    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, "--parallelism.data_parallel_shard_degree", "2")
-    return run_train(dump, *args, nproc=2), dump
+    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, *EMA)
+    return run_train(dump, *args, "--parallelism.data_parallel_shard_degree", "2", nproc=2), dump
+
+
+def assert_close_averages(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_debug_training_runs_through_run_train_sh(single) -> None:
@@ -78,6 +86,8 @@ def test_validation_saves_one_grid_per_step_with_its_prompts(single) -> None:
     _, dump = single
     grids = sorted(p.name for p in (dump / "validation").glob("*.png"))
     assert grids == ["step_000001.png", "step_000002.png", "step_000004.png"]
+    averaged = sorted(p.name for p in (dump / "validation" / "ema").glob("*.png"))
+    assert averaged == grids  # the average's images, beside the weights'
     tiles = grid_tiles(str(dump / "validation" / "step_000004.png"))
     assert [prompt for prompt, _ in tiles][0] == (
         "a large red circle at the center on a white background"
@@ -99,19 +109,37 @@ def test_metrics_reach_tensorboard(single) -> None:
         "throughput(tps)",
         "validation_metrics/loss",
         "validation_metrics/loss_t0.06",
+        "validation_metrics/ema_loss",
+        "validation_metrics/ema_loss_t0.06",
+        "data/skipped",  # the data loader's skips, by kind when there are some
+        "data/skipped_fraction",
+        "validation_metrics/skipped",
     ):
         assert tag in tags, sorted(tags)
     # MFU against a GPU's peak FLOPs; the CPU has none to measure against
     assert ("mfu(%)" in tags) == torch.cuda.is_available()
 
 
-def test_resumed_run_ends_with_the_same_losses(single, tmp_path) -> None:
+def test_the_average_is_validated_beside_the_weights(single) -> None:
+    run, dump = single
+    raw, averaged = run.validation_losses, run.ema_validation_losses
+    assert sorted(averaged) == [1, 2, 4]
+    assert averaged[1] == raw[1]  # the first update copies the weights
+    assert averaged[4] != raw[4]
+    # the checkpoint's average: neither the weights of step 4 nor of step 2
+    weights = average_at(dump, 4)
+    assert not torch.equal(weights["img_in.weight"], average_at(dump, 2)["img_in.weight"])
+
+
+def test_resumed_run_ends_with_the_same_losses_and_average(single, tmp_path) -> None:
     reference, dump = single
     checkpoint_at(dump, 2, tmp_path)
-    run = run_train(tmp_path, *COMMON, "4", *CHECKPOINT)
+    run = run_train(tmp_path, *COMMON, "4", *CHECKPOINT, *EMA)
     assert "Training starts at step 3" in run.output
     assert sorted(run.losses) == [3, 4]
     assert_same_losses(run, reference, [3, 4])
+    resumed, unbroken = average_at(tmp_path, 4), average_at(dump, 4)
+    assert all(torch.equal(resumed[n], unbroken[n]) for n in unbroken)  # exactly
 
 
 def test_activation_checkpointing_leaves_the_loss_unchanged(single, tmp_path) -> None:
@@ -141,9 +169,11 @@ def test_two_process_checkpoint_resumes_on_one_process(fsdp, tmp_path) -> None:
     reference, dump = fsdp
     checkpoint_at(dump, 2, tmp_path)
     # the same global batch of 8: one process, two micro-batches of 4
-    run = run_train(tmp_path, *COMMON, "4", "--training.global_batch_size", "8", *CHECKPOINT)
+    args = (*COMMON, "4", "--training.global_batch_size", "8", *CHECKPOINT, *EMA)
+    run = run_train(tmp_path, *args)
     assert "Training starts at step 3" in run.output
     assert_same_losses(run, reference, [3, 4], rel=1e-4)
+    assert_close_averages(average_at(tmp_path, 4), average_at(dump, 4))
 
 
 def test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2(fsdp, tmp_path) -> None:
@@ -158,12 +188,14 @@ def test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2(fsdp, tmp_path) -> N
         "--parallelism.data_parallel_shard_degree",
         "2",
         *CHECKPOINT,
+        *EMA,
         nproc=4,
         timeout=600,
     )
     assert "dp_replicate=2" in run.output and "dp_shard=2" in run.output
     assert "Training starts at step 3" in run.output
     assert_same_losses(run, reference, [3, 4], rel=1e-4)
+    assert_close_averages(average_at(tmp_path, 4), average_at(dump, 4))
 
 
 def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
@@ -177,6 +209,18 @@ def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert len(lines) == 1 and "holds the model only" in lines[0], run.output[-2000:]
     assert "initial_load_path" in lines[0]
+
+
+def test_a_data_set_too_small_for_two_processes_stops_in_one_line(tmp_path) -> None:
+    """One record for two ranks: the rank without one says so; none waits forever."""
+    from tests.data.tars import make_shards
+
+    data = make_shards(tmp_path / "data", 1, 1)
+    args = ("--training.dataset", "webdataset", "--training.dataset_path", str(data))
+    run = run_train(tmp_path / "run", "--training.steps", "2", *args, nproc=2)
+    assert run.returncode != 0
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert len(lines) == 1 and "is too small for 2 readers" in lines[0], run.output[-3000:]
 
 
 FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")

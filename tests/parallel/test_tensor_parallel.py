@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.launch import ROOT, run_train
+from tests.launch import ROOT, average_at, run_train
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +65,12 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["loaded"] == 0.0 and result["loaded_layout_kept"]
     assert result["loss_after_load"] <= (1e-6 if fp32 else 1e-2)
     assert result["init"] == 0.0  # a fresh model starts from one process's weights
+    # the average of each rank's shards is one process's average; it moves both ways
+    assert result["ema"] <= 1e-7
+    assert result["ema_swapped_loss"] <= (1e-6 if fp32 else 1e-2)
+    assert result["ema_swap_restored"]
+    assert result["ema_saved"] <= 1e-7 and result["ema_saved_updates"]
+    assert result["ema_loaded"] == 0.0 and result["ema_loaded_updates"]
     # T5/CLIP: each rank holds its FSDP share, encodes its share of its group's captions
     fsdp = nproc // tp
     assert result["text_encoder_shard"] == pytest.approx(1 / fsdp, rel=0.05)
@@ -74,6 +81,7 @@ ARGS = (
     *("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4"),
     *("--validation.freq", "2", "--validation.steps", "1", "--validation.sampling_steps", "2"),
     *("--checkpoint.enable", "--checkpoint.interval", "2"),
+    *("--ema.enable", "--ema.decay", "0.5"),  # an average of the weights, validated too
 )
 TP2 = ("--parallelism.tensor_parallel_degree", "2")
 
@@ -87,6 +95,8 @@ def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(tmp_p
         assert sorted(run.losses) == [1, 2, 3, 4]
         assert run.losses == pytest.approx(single.losses, rel=1e-5)
         assert run.validation_losses == pytest.approx(single.validation_losses, rel=1e-4)
+        assert run.ema_validation_losses == pytest.approx(single.ema_validation_losses, rel=1e-4)
+        assert sorted(run.ema_validation_losses) == [1, 2, 4]
 
     # The TP run's step-2 checkpoint, resumed with FSDP over 2 processes (the same global
     # batch: each takes 2 of its 4 samples).
@@ -98,3 +108,8 @@ def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(tmp_p
     assert {s: fsdp.losses[s] for s in (3, 4)} == pytest.approx(
         {s: tp.losses[s] for s in (3, 4)}, rel=1e-5
     )
+    # the average, saved from TP's strided shards, resumed under FSDP
+    averages = [average_at(tmp_path / name, 4) for name in ("single", "tp", "fsdp")]
+    for average in averages[1:]:
+        for name, value in averages[0].items():
+            torch.testing.assert_close(average[name], value, rtol=1e-4, atol=1e-5, msg=name)

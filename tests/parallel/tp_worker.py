@@ -9,10 +9,12 @@ context-parallel ones included, as torchtitan's fsdp mesh does), against the sam
 on one process in this one: loss and gradients on the same batch (each data-parallel
 rank takes its share of the samples, each context-parallel rank its share of every
 sample's tokens), then checkpoints both ways through torchtitan's
-ModelWrapper and DCP. With `compile`, every block is compiled (aot_eager: no C++ compiler
-needed) between TP and FSDP, as parallelize_flux does, and with `op-ac` checkpointed op by
-op before that. Last, the frozen text encoders spread as the trainer spreads them. Rank 0
-writes the largest differences to OUT.json.
+ModelWrapper and DCP; and the average of the weights (flux.ema) each rank keeps of its
+shards, its swap into the model and its checkpoints both ways. With `compile`, every
+block is compiled (aot_eager: no C++ compiler needed) between TP and FSDP, as
+parallelize_flux does, and with `op-ac` checkpointed op by op before that. Last, the frozen
+text encoders spread as the trainer spreads them. Rank 0 writes the largest differences to
+OUT.json.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torchtitan.protocols.model_converter import build_model_converters
 
 from flux.checkpoint import plain_layout
 from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, parse_config
+from flux.ema import EMA, EmaSettings, WeightAverage
 from flux.flow import build_text_encoders
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
@@ -117,6 +120,57 @@ def float8_error(model, float32, grads, batch) -> float:
         return 0.0
     loss_of(float32, batch).backward()
     return relative_difference(grads, {n: p.grad for n, p in named(float32).items()})
+
+
+def ema_checks(
+    parallel: nn.Module,
+    reference: nn.Module,
+    local: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    folder: Path,
+) -> dict[str, float | bool]:
+    """The average each rank keeps of its shards against one process's, as the models
+    (equal at the start) take the same steps; its swap for validation; checkpoints of it
+    from the layout to one process and back."""
+    settings = EmaSettings(decay=0.9, update_every=1)
+    averages = [WeightAverage(m, settings) for m in (parallel, reference)]
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for model in (parallel, reference):
+                for p in model.parameters():
+                    p.mul_(0.9).add_(0.01 * step)  # elementwise: the same on every shard
+        for average in averages:
+            average.update(step)
+    parallel_average = averages[0].state_dict()  # global tensors, as DCP sees them
+    reference_average = averages[1].state_dict()
+    result: dict[str, float | bool] = {
+        "ema": max_difference(
+            {n: parallel_average[n] for n in named(parallel)},
+            {n: reference_average[n] for n in named(reference)},
+        )
+    }
+    before = {n: full(p).clone() for n, p in named(parallel).items()}
+    with averages[0].swapped_in(), averages[1].swapped_in():
+        swapped = loss_of(parallel, local).detach()
+        dist.all_reduce(swapped)
+        expected = loss_of(reference, batch).item()
+    result["ema_swapped_loss"] = abs(swapped.item() / dist.get_world_size() - expected) / expected
+    result["ema_swap_restored"] = max_difference(named(parallel), before) == 0.0
+
+    dcp.save({EMA: averages[0]}, checkpoint_id=str(folder / "ema-parallel"))
+    one = WeightAverage(FluxModel(flux_configs["flux-debug"]), settings)
+    dcp.load({EMA: one}, checkpoint_id=str(folder / "ema-parallel"))
+    result["ema_saved"] = max_difference(one.average, averages[1].average)
+    result["ema_saved_updates"] = one.updates == 3
+    averages[1].update(4)
+    dcp.save({EMA: averages[1]}, checkpoint_id=str(folder / "ema-single"))
+    dcp.load({EMA: averages[0]}, checkpoint_id=str(folder / "ema-single"))
+    loaded = averages[0].state_dict()
+    result["ema_loaded"] = max_difference(
+        {n: loaded[n] for n in named(parallel)}, averages[1].average
+    )
+    result["ema_loaded_updates"] = averages[0].updates == 4
+    return result
 
 
 def main() -> None:
@@ -230,6 +284,7 @@ def main() -> None:
     one.init_weights()
     result["init"] = max_difference(named(fresh), named(one))
 
+    result |= ema_checks(parallel, reference, local, batch, folder)
     result |= text_encoders(mesh, tp, cp)
     if rank == 0:
         out.write_text(json.dumps(result))

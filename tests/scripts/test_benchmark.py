@@ -1,5 +1,6 @@
 """flux.scripts.benchmark: step (the parts of the trainer's step, with and without a
-cache) and ac (activation checkpointing's saved activations)."""
+cache), ac (activation checkpointing's saved activations) and ema (an update of the average
+of the weights)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 
 import torch
 
+from flux.model.args import flux_configs
+from flux.model.model import FluxModel
 from flux.scripts.benchmark import PARTS, main, step_table
 from tests.caches import make_cache
+
+ARGS = flux_configs["flux-debug"]
 
 
 def test_step_times_each_part_with_and_without_a_cache(tmp_path, capsys) -> None:
@@ -40,3 +45,11 @@ def test_ac_measures_saved_activations_per_mode_with_no_ac_gradients(capsys) -> 
     assert all(m["same_gradients_as_none"] for m in modes.values())
     saved = [modes[m]["activations_mib"] for m in ("full", "op", "none")]
     assert 0 < saved[0] < saved[1] < saved[2]
+
+
+def test_ema_times_an_update_with_and_without_cpu_offload(capsys) -> None:
+    main(["ema", "--updates", "2", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["parameters"] == sum(p.numel() for p in FluxModel(ARGS).parameters())
+    for key in ("beside_weights", "cpu_offload"):
+        assert result[key]["update_ms"] > 0 and result[key]["swap_in_and_out_ms"] > 0
