@@ -21,12 +21,14 @@ HOST_DRAWS = str(Path("flux") / "data" / "caption_dropout.py")
 
 
 @pytest.fixture
-def trainer(tmp_path) -> Iterator[FluxTrainer]:
+def trainer(request, tmp_path) -> Iterator[FluxTrainer]:
+    """The debug trainer; indirect parameters are more trainer arguments."""
     job = parse_config(
         [
             *("--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path)),
             *("--training.local_batch_size", "2", "--metrics.log_freq", "100"),
             *("--validation.no-enable", "--metrics.no-enable-tensorboard"),
+            *getattr(request, "param", ()),
         ]
     )
     check_config(job, world_size=1)
@@ -59,6 +61,10 @@ def read_backs_during(monkeypatch, run) -> list[str]:
     return calls
 
 
+EMA = ("--ema.enable", "--ema.decay", "0.5")
+
+
+@pytest.mark.parametrize("trainer", [(), EMA], indirect=True, ids=["", "ema"])
 def test_a_finite_step_that_logs_nothing_reads_nothing_back(trainer, monkeypatch) -> None:
     logged = read_backs_during(monkeypatch, lambda: step(trainer))  # step 1 logs
     assert [c for c in logged if HOST_DRAWS not in c], "a logged step reads its loss"
@@ -70,6 +76,7 @@ def test_a_finite_step_that_logs_nothing_reads_nothing_back(trainer, monkeypatch
     assert trainer.nonfinite.last_good_step == 2
 
 
+@pytest.mark.parametrize("trainer", [EMA], indirect=True, ids=["ema"])
 def test_a_step_that_is_not_finite_changes_no_weight_and_is_counted_a_step_later(
     trainer, monkeypatch
 ) -> None:
@@ -89,11 +96,15 @@ def test_a_step_that_is_not_finite_changes_no_weight_and_is_counted_a_step_later
         return [p.detach().to_local().clone() for p in model.parameters()]
 
     after_1 = weights()
+    average = trainer.ema.average  # type: ignore[union-attr]
+    average_1 = {n: v.clone() for n, v in average.items()}
     step(trainer)
     assert all(torch.equal(a, b) for a, b in zip(weights(), after_1))
+    assert all(torch.equal(v, average_1[n]) for n, v in average.items())  # nor the average
     assert trainer.nonfinite.in_a_row == 0  # not known on the host yet
     step(trainer)
     assert trainer.nonfinite.in_a_row == 1 and trainer.nonfinite.last_good_step == 1
+    assert trainer.ema.updates == 2  # type: ignore[union-attr]  # steps 1 and 3, not 2
     assert not all(torch.equal(a, b) for a, b in zip(weights(), after_1))  # step 3 applied
     # the optimizer counted the two steps it applied, not the one it skipped
     assert {s["step"].item() for s in optimizer.state.values()} == {2.0}
