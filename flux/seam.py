@@ -23,6 +23,10 @@ upgrade fails there, loudly, rather than in a run.
 - Tensor parallelism keeps FLUX.1's fused layouts as torch's private `_StridedShard`
   placement, and runs a torchao Float8Linear's matmul on local shards through torchao's
   `matmul_with_hp_or_float8_args` (torchao has no public function for it).
+- A step not applied, decided on the device: fused Adam/AdamW skip their update where the
+  `found_inf` tensor torch.amp.GradScaler hands them is nonzero (their step reads it from
+  the optimizer and passes it to the private `_fused_adam`); no public API takes a
+  device-side "skip" otherwise, and reading the verdict on the host would wait for the step.
 - The EMA of the weights (flux.ema) gives DCP its shards as DTensors over tensors where
   they are: `DTensor.from_local` would move a host-memory average to the mesh's device (all
   of it, at every save); FSDP's CPU offload builds its parameters the same private way.
@@ -36,6 +40,8 @@ import os
 import re
 import resource
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -69,6 +75,11 @@ PINNED = {
     ),
     "torchao.float8.float8_linear.matmul_with_hp_or_float8_args.forward": (
         "(ctx, input_hp, weight_hp_t, linear_mm_config, config)"
+    ),
+    "torch.optim.adam._fused_adam": (
+        "(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale, "
+        "found_inf, *, amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, "
+        "capturable, differentiable, decoupled_weight_decay)"
     ),
     "torch.distributed.tensor._dtensor_spec.DTensorSpec.__init__": (
         "(self, mesh, placements, tensor_meta=None, shard_order=None, "
@@ -229,6 +240,31 @@ def float8_matmul(x: Tensor, weight: Tensor, linear_mm_config: Any, config: Any)
     from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
 
     return matmul_with_hp_or_float8_args.apply(x, weight.t(), linear_mm_config, config)
+
+
+# -- a step not applied, decided on the device ---------------------------------------------
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer can leave a step out on a device-side verdict: fused Adam or
+    AdamW (AdamW is an Adam), the kind torchtitan builds by default."""
+    return isinstance(optimizer, torch.optim.Adam) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
+
+
+@contextmanager
+def skipped_where(optimizers: Iterable[torch.optim.Optimizer], found_inf: Tensor) -> Iterator[None]:
+    """For the duration, the optimizers' steps leave parameters, moments and step counts as
+    they are where found_inf (a float32 scalar on their device) is nonzero, as under
+    torch.amp.GradScaler: the verdict never leaves the device."""
+    optimizers = list(optimizers)
+    assert all(skips_on_device(o) for o in optimizers), "fused Adam/AdamW only"
+    for optimizer in optimizers:
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for optimizer in optimizers:
+            del optimizer.found_inf  # type: ignore[attr-defined]
 
 
 # -- a DTensor over a tensor where it is ----------------------------------------------------
