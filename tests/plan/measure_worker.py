@@ -1,0 +1,33 @@
+"""One rank of the real steps the planner is checked against, under torchrun on gloo:
+
+    torchrun --nproc_per_node N -m tests.plan.measure_worker OUT.json
+
+Each run of tests.plan.helpers.RUNS is built as the trainer builds it and stepped once on
+real tensors; rank 0 writes what it measured to OUT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch.distributed as dist
+
+from flux.device import use_cpu_if_no_accelerator
+from tests.plan.helpers import RUNS, measure, register_mid
+
+
+def main() -> None:
+    register_mid()
+    use_cpu_if_no_accelerator()
+    dist.init_process_group("gloo")
+    results = {name: measure(name, int(os.environ["WORLD_SIZE"])) for name in RUNS}
+    if dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The planner against reality: real training steps on the CPU, in one process and in two
+gloo processes with FSDP, measured with the same tracker, torch's FlopCounterMode, the CPU
+allocator and torch.distributed's own collective calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from flux.config import parse_config
+from flux.device import use_cpu_if_no_accelerator
+from flux.model.args import flux_configs, training_flops_per_sample
+from flux.model.model import FluxModel
+from flux.plan.planner import Plan, PlanSettings, plan
+from flux.plan.step import GRADIENTS, OPTIMIZER, PARAMETERS
+from tests.launch import ROOT
+from tests.plan.helpers import MID, RUNS, measure, register_mid
+
+TOLERANCE = 0.15
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mid_flavor() -> Iterator[None]:
+    register_mid()
+    yield
+    flux_configs.pop(MID, None)
+
+
+def planned(name: str, ngpu: int, *extra: str) -> Plan:
+    return plan(parse_config([*RUNS[name], *extra]), PlanSettings(ngpu=ngpu))[0]
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    """Both runs stepped for real in this process (a gloo group of one)."""
+    use_cpu_if_no_accelerator()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return {name: measure(name, 1) for name in RUNS}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both runs stepped for real by two gloo processes with FSDP (rank 0's view)."""
+    out = tmp_path_factory.mktemp("measured") / "two.json"
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("-m", "tests.plan.measure_worker", str(out)),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_planned_peak_is_within_15_percent_of_a_real_step_on_one_process(
+    one_process: dict, name: str
+) -> None:
+    measured = one_process[name]
+    assert abs(planned(name, 1).memory.peak_bytes - measured["peak_bytes"]) <= (
+        TOLERANCE * measured["peak_bytes"]
+    )
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_planned_peak_is_within_15_percent_of_a_real_two_process_fsdp_step(
+    two_processes: dict, name: str
+) -> None:
+    measured, planned_two = two_processes[name], planned(name, 2)
+    assert abs(planned_two.memory.peak_bytes - measured["peak_bytes"]) <= (
+        TOLERANCE * measured["peak_bytes"]
+    )
+    for category, nbytes in measured["at_peak"].items():
+        assert abs(planned_two.memory.at_peak[category] - nbytes) <= TOLERANCE * max(
+            nbytes, 2**20
+        ), category
+    # FSDP over two ranks halves what each holds of the parameters and AdamW's moments
+    assert measured["at_peak"][PARAMETERS] < 0.6 * planned(name, 1).memory.at_peak[PARAMETERS]
+
+
+def test_the_tracker_counts_what_the_cpu_allocator_allocates(one_process: dict) -> None:
+    """The transformer's step (flux-mid, no encoders): what the tracker saw rise above the
+    step's start against the allocator's own record of every allocation."""
+    measured = one_process["mid"]
+    assert abs(measured["tracked_rise_bytes"] - measured["allocator_rise_bytes"]) <= (
+        0.05 * measured["allocator_rise_bytes"]
+    )
+
+
+@pytest.mark.parametrize("processes", ["one_process", "two_processes"])
+def test_planned_flops_equal_flop_counter_mode_on_the_real_step(
+    request: pytest.FixtureRequest, processes: str
+) -> None:
+    measured = request.getfixturevalue(processes)
+    ngpu = 1 if processes == "one_process" else 2
+    for name in RUNS:
+        counted = planned(name, ngpu).flops
+        total = counted["counted_model"] + counted["counted_encoders"]
+        assert total == measured[name]["flop_counter_mode"] == measured[name]["flops"]
+
+
+def test_counted_flops_are_the_trainers_count_plus_flash_attentions_recomputation() -> None:
+    """Without activation checkpointing the model's counted FLOPs are the trainer's count
+    (the MFU numerator) and the scores flash attention recomputes in backward: 2·B·L²·D
+    per block."""
+    p = planned("mid", 1)
+    args = flux_configs[MID]
+    tokens = (256 // 16) ** 2 + 16
+    blocks = args.depth + args.depth_single_blocks
+    recomputed = 2 * p.local_batch * tokens**2 * args.hidden_size * blocks
+    trainers = p.local_batch * training_flops_per_sample(args, (256 // 16) ** 2, 16)
+    assert p.flops["model"] == trainers
+    assert p.flops["counted_model"] == trainers + recomputed
+    assert p.flops["counted_encoders"] == 0  # a precomputed cache
+
+
+def test_planned_traffic_is_what_two_gloo_processes_move(two_processes: dict) -> None:
+    for name in RUNS:
+        measured = two_processes[name]
+        traffic = {
+            f"{t['kind']} {t['group']}": [t["calls"], t["bytes"]] for t in planned(name, 2).traffic
+        }
+        assert traffic == measured["traffic"]
+        # FSDP's all-gathers and reduce-scatters, as torch.distributed was asked for them
+        # (the gradient norm's all-reduce goes through DTensor, not this API)
+        assert traffic["all-gather fsdp"] == measured["called"]["all-gather"]
+        assert traffic["reduce-scatter fsdp"] == measured["called"]["reduce-scatter"]
+
+
+def test_every_rank_holds_its_share_of_parameters_gradients_and_adamw_state() -> None:
+    """At 64 ranks (where torch's FSDPMemTracker reported AdamW's state of flux-dev as
+    135 GiB): fp32 parameters, and two fp32 moments per parameter, of 1/64 of the model."""
+    p = planned("debug", 64)
+    with torch.device("meta"):
+        weights = list(FluxModel(flux_configs["flux-debug"]).parameters())
+    nparams = sum(w.numel() for w in weights)
+    held = p.memory.at_peak
+    assert nparams * 4 / 64 <= held[PARAMETERS] <= nparams * 4 / 64 * 1.1  # FSDP pads shards
+    assert held[OPTIMIZER] == 2 * held[PARAMETERS] + 4 * len(weights)  # and a step count each
+    assert held[GRADIENTS] <= held[PARAMETERS]
