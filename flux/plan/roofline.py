@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from flux.plan.gpus import GPUProfile
 from flux.plan.traffic import Traffic
 
-DATA_PARALLEL_GROUPS = ("fsdp", "dp_replicate")
 # fp32 AdamW reads parameter, gradient and both moments and writes parameter and moments
 # (7 x 4 bytes); gradient clipping reads the gradients and scales them (2 x 4 bytes).
 OPTIMIZER_BYTES_PER_ELEMENT = 36
@@ -82,7 +81,7 @@ def step_time(
     for t in traffic:
         link, rate = link_of(t, gpu)
         seconds = t.wire_bytes / (rate * settings.link_efficiency)
-        overlapped = settings.overlap and t.group in DATA_PARALLEL_GROUPS
+        overlapped = settings.overlap and t.by_fsdp
         links.append(LinkTime(t.kind, t.group, link, t.wire_bytes, seconds, overlapped))
     hidden = sum(x.seconds for x in links if x.overlapped)
     exposed = sum(x.seconds for x in links if not x.overlapped)

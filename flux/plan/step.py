@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,16 +103,17 @@ class Run:
     max_norm: float
     guidance: float
     fake: FakeTensorMode | None  # the tensors' mode, for a plan
+    shards: list[tuple[Tensor, Tensor]]  # (parameter, what the optimizer updates)
 
     def local_parameters(self) -> list[Tensor]:
-        return [_local(p) for p in self.model.parameters()]
+        return [shard for _, shard in self.shards]
 
     def gradients(self) -> list[Tensor]:
         return [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
 
     def optimizer_state(self) -> list[Tensor]:
         return [
-            _local(v)
+            v
             for optimizer in self.optimizer.optimizers  # torchtitan's container holds them
             for state in optimizer.state.values()
             for v in state.values()
@@ -149,6 +150,7 @@ def build_run(
                 model.init_weights()  # type: ignore[operator]
         model.train()
         optimizer = build_optimizers([model], job.optimizer, parallel_dims)
+        shards = optimize_shards(optimizer)
         optimizer.register_step_post_hook(lambda *a, **k: converters.post_optimizer_hook([model]))
         enc = job.encoder
         encoders = build_frozen_encoders(
@@ -176,6 +178,7 @@ def build_run(
         max_norm=job.training.max_norm,
         guidance=job.training.guidance,
         fake=fake,
+        shards=shards,
     )
 
 
@@ -216,7 +219,7 @@ def micro_batch(run: Run) -> FlowBatch:
 
 def training_step(run: Run) -> None:
     """FluxTrainer.optimize, without the bookkeeping."""
-    run.optimizer.zero_grad()
+    run.model.zero_grad(set_to_none=True)  # the optimizers hold the shards (optimize_shards)
     accumulation = run.shape.accumulation
     for _ in range(accumulation):
         flow = micro_batch(run)
@@ -225,66 +228,43 @@ def training_step(run: Run) -> None:
         loss.backward()
         del flow, loss
     dist_utils.clip_grad_norm_(list(run.model.parameters()), run.max_norm, foreach=True)
-    with stepping_local_shards(run.optimizer):
-        run.optimizer.step()
+    optimizer_step(run, [p.grad for p, _ in run.shards])
 
 
-@torch.no_grad()
-def create_optimizer_state(run: Run) -> None:
-    """Give AdamW its moments, as after a first step: the step the planner measures is a
-    steady one, with the optimizer's state already there."""
-    for p in run.model.parameters():
-        p.grad = torch.zeros_like(p)
-    with stepping_local_shards(run.optimizer):
-        run.optimizer.step()
-    run.optimizer.zero_grad()
-
-
-@contextmanager
-def stepping_local_shards(container: Any) -> Iterator[None]:
-    """Let the optimizers update each rank's shards of DTensor parameters directly.
+def optimize_shards(container: Any) -> list[tuple[Tensor, Tensor]]:
+    """Give the optimizers each rank's shard of every DTensor parameter in its place;
+    returns (parameter, what the optimizer updates) pairs.
 
     AdamW's update is elementwise: on a sharded parameter DTensor runs it on the local
-    shards, with no communication. Handing the shards to the optimizer runs the same ops,
-    without DTensor's sharding propagation over lists of a thousand tensors (seconds per
-    step on fake tensors). The parameters and their state are DTensors again after."""
-    swapped: list[tuple[Any, dict, int, DTensor, Tensor]] = []
+    shards, with no communication. Handing the optimizer the shards runs the same ops on
+    the same storage, without DTensor's sharding propagation over lists of a thousand
+    tensors (seconds a step on fake tensors); its state is then the shards' as well."""
+    pairs = []
     for optimizer in container.optimizers:
         for group in optimizer.param_groups:
             for i, p in enumerate(group["params"]):
-                if not isinstance(p, DTensor):
-                    continue
-                local = _local(p)
-                local.grad = None if p.grad is None else _local(p.grad)
-                state = optimizer.state.pop(p, None)
-                if state is not None:
-                    optimizer.state[local] = {k: _local(v) for k, v in state.items()}
-                group["params"][i] = local
-                swapped.append((optimizer, group, i, p, local))
-    try:
-        yield
-    finally:
-        for optimizer, group, i, p, local in swapped:
-            group["params"][i] = p
-            local.grad = None
-            state = optimizer.state.pop(local, None)
-            if state is not None:
-                optimizer.state[p] = {k: _global(v, p) for k, v in state.items()}
+                group["params"][i] = _local(p)
+                pairs.append((p, group["params"][i]))
+    return pairs
 
 
-def _global(t: Any, like: DTensor) -> Any:
-    """A state tensor of a parameter's shard as a DTensor placed like the parameter
-    (the step count, a scalar, stays as it is)."""
-    if not isinstance(t, Tensor) or t.shape != like._local_tensor.shape or t.dim() == 0:
-        return t
-    return DTensor.from_local(
-        t,
-        like.device_mesh,
-        like.placements,
-        run_check=False,
-        shape=like.shape,
-        stride=like.stride(),
-    )
+@torch.no_grad()
+def optimizer_step(run: Run, grads: list[Tensor | None]) -> None:
+    """The optimizers' step with these gradients of the parameters (in run.shards order)."""
+    for (_, shard), grad in zip(run.shards, grads):
+        shard.grad = None if grad is None else _local(grad)
+    run.optimizer.step()
+    for p, shard in run.shards:
+        if shard is not p:
+            shard.grad = None
+
+
+def create_optimizer_state(run: Run) -> None:
+    """Give AdamW its moments, as after a first step: the step the planner measures is a
+    steady one, with the optimizer's state already there."""
+    with torch.no_grad():
+        optimizer_step(run, [torch.zeros_like(shard) for _, shard in run.shards])
+    run.model.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -299,21 +279,21 @@ class StepProfile:
     parameter_elements: int = 0  # of this rank's shards (the optimizer's work)
 
 
-def group_names(parallel_dims: ParallelDims) -> dict[str, str]:
-    """Process-group names -> the mesh dimension they form."""
-    names: dict[str, str] = {}
+def group_dims(parallel_dims: ParallelDims) -> dict[str, list[str]]:
+    """Process-group names -> the mesh dimensions they form."""
+    dims: dict[str, list[str]] = {}
     for dim in MESH_DIMS:
         mesh = parallel_dims.get_optional_mesh(dim)
         if mesh is not None and mesh.size() > 1:
-            names.setdefault(mesh.get_group().group_name, dim)
-    return names
+            dims.setdefault(mesh.get_group().group_name, []).append(dim)
+    return dims
 
 
 def profile_step(run: Run, also: Sequence[AbstractContextManager] = ()) -> StepProfile:
     """One steady training step under the memory tracker and the FLOP and traffic counters
     (and `also`: torch's own counters, which tests hold the planner's against)."""
     memory, flops = MemoryTracker(), FlopCounter()
-    comm = CommCounter(group_names(run.parallel_dims))
+    comm = CommCounter(group_dims(run.parallel_dims))
     with run.fake or nullcontext():
         create_optimizer_state(run)
         memory.track(_existing(run))

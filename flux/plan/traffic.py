@@ -10,7 +10,7 @@ the wire, in the ring algorithms NCCL uses, is `wire_bytes`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,7 @@ class Traffic:
     kind: str
     group: str  # the mesh dimension: fsdp, dp_replicate, tp, cp, loss, ...
     members: tuple[int, ...]  # the global ranks of this rank's group
+    by_fsdp: bool  # FSDP's own (c10d) collectives; else functional ones (TP, CP, DTensor)
     calls: int
     bytes: int  # their sizes, summed
 
@@ -115,15 +116,21 @@ class Traffic:
         return wire_bytes(self.kind, self.bytes, self.ranks)
 
 
+DATA_PARALLEL = ("fsdp", "dp_replicate")
+
+
 class CommCounter(LocalOpsMode):
     """Collectives this rank runs while active, by kind and group.
 
-    group_names maps process-group names to what the report calls them (the mesh
-    dimensions); a group it does not know is named by its ranks."""
+    group_dims maps process-group names to the mesh dimensions they form (several, when
+    dimensions have the same ranks: FSDP's and context parallelism's on 2 ranks). FSDP's
+    collectives (c10d ops) are named by a data-parallel dimension, the functional ones
+    tensor and context parallelism and DTensor use by another if there is one; a group of
+    no dimension is named by its size."""
 
-    def __init__(self, group_names: Mapping[str, str]) -> None:
+    def __init__(self, group_dims: Mapping[str, Sequence[str]]) -> None:
         super().__init__()
-        self.group_names = dict(group_names)
+        self.group_dims = {name: list(dims) for name, dims in group_dims.items()}
         self.traffic: dict[tuple[str, str], Traffic] = {}
 
     def seen(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
@@ -135,10 +142,14 @@ class CommCounter(LocalOpsMode):
         ranks = group.size()
         if ranks <= 1:
             return
-        name = self.group_names.get(group.group_name, f"{ranks} ranks")
+        by_fsdp = func.namespace == "c10d"
+        dims = self.group_dims.get(group.group_name, [f"{ranks} ranks"])
+        preferred = [d for d in dims if (d in DATA_PARALLEL) == by_fsdp]
+        name = (preferred or dims)[0]
         entry = self.traffic.get((kind, name))
         if entry is None:
             members = tuple(dist.get_process_group_ranks(group))
-            entry = self.traffic[(kind, name)] = Traffic(kind, name, members, 0, 0)
+            entry = Traffic(kind, name, members, by_fsdp, 0, 0)
+            self.traffic[(kind, name)] = entry
         entry.calls += 1
         entry.bytes += size(args, out)

@@ -43,6 +43,14 @@ RUNS: dict[str, list[str]] = {
     ],
 }
 
+# Two processes also split the debug model's heads (tensor parallel) or tokens (context
+# parallel, with FSDP over the two)
+TWO_PROCESS_RUNS = {
+    **RUNS,
+    "debug tp2": [*RUNS["debug"], "--parallelism.tensor_parallel_degree", "2"],
+    "debug cp2": [*RUNS["debug"], "--parallelism.context_parallel_degree", "2"],
+}
+
 
 def register_mid() -> None:
     flux_configs[MID] = MID_ARGS
@@ -106,7 +114,7 @@ def measure(run_name: str, world_size: int) -> dict[str, Any]:
     """A real training step of a run on this process group, under the planner's counters
     and torch's FlopCounterMode (counting the CPU's flash attention as the GPU's) and
     CommDebugMode."""
-    job = parse_config(RUNS[run_name])
+    job = parse_config(TWO_PROCESS_RUNS[run_name])
     dims = parallel_dims_of(job.parallelism, world_size)
     torch.manual_seed(0)
     run = build_run(job, dims, torch.device("cpu"), job.training.dataset != "precomputed")
