@@ -11,6 +11,7 @@ activation-checkpointing setting.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,10 @@ def with_ac(job: JobConfig, setting: str) -> JobConfig:
     return job
 
 
+def float8(job: JobConfig) -> bool:
+    return "quantize.linear.float8" in job.model.converters
+
+
 def encoders_online(job: JobConfig, settings: PlanSettings) -> bool:
     if settings.encoders == "auto":
         return job.training.dataset != PRECOMPUTED
@@ -134,6 +139,12 @@ def measure(job: JobConfig, settings: PlanSettings) -> tuple[StepProfile, Any]:
     fusion only lowers activations (so a plan errs on the safe side)."""
     job = copy.deepcopy(job)
     job.compile.enable = False
+    if float8(job):
+        # torchtitan converts to float8 only on a float8 GPU, or emulated: the same casts
+        # and float8 all-gathers, the matmul in high precision. Precomputing FSDP's scales
+        # reads a tensor's value, which fake tensors have not (it saves one small all-reduce).
+        job.quantize.linear.float8.emulate = True
+        job.quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp = False
     with fake_world(job.parallelism, settings.ngpu) as dims:
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         run = build_run(job, dims, torch.device("cpu"), encoders_online(job, settings), fake)
@@ -236,6 +247,12 @@ def plan_on(
             "link_efficiency": settings.time.link_efficiency,
             "overlap": settings.time.overlap,
             "compile": "blocks planned eagerly (compile's fusion lowers activations: conservative)",
+            "float8": (
+                "float8 casts and all-gathers as torchao runs them; matmuls timed at the bf16 "
+                "peak (conservative)"
+                if float8(job)
+                else "off"
+            ),
         },
     )
 
@@ -298,8 +315,16 @@ class Sweep:
     """Largest local batch that fits, for one activation-checkpointing setting; each batch
     is planned once and serves every GPU profile."""
 
-    def __init__(self, job: JobConfig, settings: PlanSettings, ac: str, limit: int = 1024):
+    def __init__(
+        self,
+        job: JobConfig,
+        settings: PlanSettings,
+        ac: str,
+        limit: int = 1024,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.job = with_ac(job, ac)
+        self.progress = progress
         self.job.training.global_batch_size = -1  # one micro-batch per step
         self.settings = settings
         self.ac = ac
@@ -312,6 +337,8 @@ class Sweep:
             job = copy.deepcopy(self.job)
             job.training.local_batch_size = batch
             profile, built = measure(job, self.settings)
+            if self.progress is not None:
+                self.progress(f"{self.ac}: batch {batch}, peak {profile.peak_bytes / GiB:.2f} GiB")
             self.plans[batch] = [
                 plan_on(job, self.settings, profile, built, gpu, name)
                 for gpu, name in zip(self.gpus, self.settings.gpus)
@@ -334,30 +361,43 @@ class Sweep:
                 fits = max(fits, batch)
             else:
                 fails = min(fails, batch)
+        moved: list[bool] = []  # which end each probe moved: True for `fits`
         while fails - fits > 1:
-            probe = min(max(self._crossing(fits, usable), fits + 1), fails - 1)
-            if self.peak(probe) <= usable:
-                fits = probe
-            else:
-                fails = probe
+            guess = self._crossing(fits, fails, usable)
+            if len(moved) >= 2 and moved[-1] == moved[-2] and fails <= self.limit:
+                guess = (fits + fails) // 2  # the line keeps missing on one side: bisect
+            probe = min(max(guess, fits + 1), fails - 1)
+            ok = self.peak(probe) <= usable
+            fits, fails = (probe, fails) if ok else (fits, probe)
+            moved.append(ok)
         return SweepResult(self.ac, name, fits, self.plans_at(fits)[gpu_index])
 
-    def _crossing(self, fits: int, usable: float) -> int:
-        """Where the line through `fits` and the nearest other planned batch reaches usable."""
-        others = [b for b in self.plans if b != fits]
-        if not others:
-            return 2 * fits
-        other = min(others, key=lambda b: abs(b - fits))
+    def _crossing(self, fits: int, fails: int, usable: float) -> int:
+        """Where the line through the peaks at `fits` and at `fails` (or, before a batch is
+        known not to fit, the nearest other planned batch) reaches `usable`."""
+        if fails in self.plans:
+            other = fails
+        else:
+            others = [b for b in self.plans if b != fits]
+            if not others:
+                return 2 * fits
+            other = min(others, key=lambda b: abs(b - fits))
         slope = (self.peak(other) - self.peak(fits)) / (other - fits)
         if slope <= 0:
             return 2 * fits
         return fits + int((usable - self.peak(fits)) // slope)
 
 
-def sweep(job: JobConfig, settings: PlanSettings, acs: list[str]) -> list[SweepResult]:
+def sweep(
+    job: JobConfig,
+    settings: PlanSettings,
+    acs: list[str],
+    progress: Callable[[str], None] | None = None,
+) -> list[SweepResult]:
+    """The largest batch that fits each GPU, for each activation-checkpointing setting."""
     results = []
     for ac in acs:
-        runs = Sweep(job, settings, ac)
+        runs = Sweep(job, settings, ac, progress=progress)
         results += [runs.largest(i) for i in range(len(settings.gpus))]
     return results
 

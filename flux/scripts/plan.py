@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             time=TimeSettings(args.efficiency, args.link_efficiency, not args.no_overlap),
         )
         if args.sweep:
-            results = sweep(job, settings, [a.strip() for a in args.sweep_ac.split(",")])
+            acs = [a.strip() for a in args.sweep_ac.split(",")]
+            results = sweep(job, settings, acs, progress=lambda line: print(line, file=sys.stderr))
             if args.json:
                 print(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
             else:
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_advice and not all(p.memory.fits for p in plans):
             advice = advise(job, settings, plans[0].memory.peak_bytes)
             for p in plans:
-                p.advice = advice
+                if not p.memory.fits:
+                    p.advice = advice
     except ConfigError as e:
         print(f"flux: error: {e}", file=sys.stderr)
         sys.exit(2)
