@@ -9,8 +9,13 @@
 # arguments go to the trainer.
 # SIGTERM or SIGUSR1 stops the run after the current step with a checkpoint; the script then
 # exits with 75 (run it again to resume).
+# It runs in the active environment if that has this checkout's flux installed, else in .venv,
+# which the first run sets up (TORCH_SPEC: pip's arguments for torch; see
+# flux/scripts/setup_env.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
+. flux/scripts/setup_env.sh
+flux_use_env
 
 if [ -z "${NGPU:-}" ]; then
     NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")

@@ -14,6 +14,15 @@ another number of ranks asks for one that exists.
 
 When to save: the trainer may override the interval (always when stopping for a signal,
 never while its latest step was not applied).
+
+Tensor parallelism keeps FLUX.1's fused projections as strided shards, a layout DCP cannot
+save (its chunks are not boxes): checkpoints get plain copies in the Shard layout of the
+same dimension, and loaded values go back to the strided layout (the modules' load hooks,
+flux.parallel.tensor_parallel). A checkpoint holds the global tensors and moves between
+TP, FSDP and single-process layouts like any other.
+
+These methods override private ones of torchtitan's CheckpointManager; flux.seam has the
+trainer build FluxCheckpointManager and pins the signatures.
 """
 
 from __future__ import annotations
@@ -26,12 +35,22 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-from torchtitan.components.checkpoint import DATALOADER, CheckpointManager
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor, Shard
+from torchtitan.components.checkpoint import (
+    DATALOADER,
+    LR_SCHEDULER,
+    OPTIMIZER,
+    AsyncMode,
+    CheckpointManager,
+)
 from torchtitan.tools.logging import logger
 
 from flux.data.dataloader import CaptionedImageLoader
+from flux.seam import StridedShard
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
+EMA = "ema"  # flux.ema's average of the weights, in runs with [ema] enabled
 HF_INDEX = "model.safetensors.index.json"  # torchtitan's other format (last_save_in_hf)
 
 
@@ -108,58 +127,134 @@ def check_model_entries(state_dict: dict[str, Any], metadata: Metadata, checkpoi
         )
 
 
-def install_load_hooks(checkpointer: CheckpointManager, dataloader: Any) -> None:
-    load = checkpointer.dcp_load
+class FluxCheckpointManager(CheckpointManager):
+    """torchtitan's CheckpointManager with what flux adds (see the module's docstring).
+    flux.seam has the trainer build it; FluxTrainer then attaches its save verdict."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.save_now: Callable[[], bool | None] = lambda: None
+        self.plain_layouts = False  # tensor parallelism: DCP sees plain copies
+
+    def attach(self, save_now: Callable[[], bool | None], plain_layouts: bool) -> None:
+        """The trainer's save verdict (True saves, False skips, None keeps the configured
+        interval), and whether tensor parallelism's strided layouts need plain copies."""
+        self.save_now, self.plain_layouts = save_now, plain_layouts
+
+    def checkpoint_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """What DCP sees: with tensor parallelism, plain copies of the strided tensors and
+        the optimizer's state through a plain-layout view."""
+        if not self.plain_layouts:
+            return state_dict
+        state = plain_layout(state_dict)
+        if OPTIMIZER in state:
+            state[OPTIMIZER] = PlainLayoutState(state[OPTIMIZER])
+        return state
+
+    def dcp_save(
+        self,
+        state_dict: dict[str, Any],
+        checkpoint_id: str,
+        async_mode: AsyncMode,
+        enable_garbage_collection: bool = False,
+        to_hf: bool = False,
+    ) -> Any:
+        state = self.checkpoint_state(state_dict)
+        return super().dcp_save(state, checkpoint_id, async_mode, enable_garbage_collection, to_hf)
 
     def dcp_load(
-        state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool
+        self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool
     ) -> None:
         if not from_hf:
-            problem = checkpoint_problem(checkpoint_id)
-            if problem is not None:
-                raise CheckpointError(
-                    f"{checkpoint_id} is incomplete ({problem}): load another step "
-                    "(checkpoint.load_step) or remove that folder"
-                )
-            metadata = read_metadata(checkpoint_id)
-            check_model_entries(state_dict, metadata, checkpoint_id)
-            entries = list(metadata.state_dict_metadata)
-            wanted = [k for k in ("optimizer", "lr_scheduler", DATALOADER) if k in state_dict]
-            saved_groups = {k.split(".")[0] for k in entries}
-            if wanted and not saved_groups & set(wanted):
-                raise CheckpointError(
-                    f"{checkpoint_id} holds the model only (checkpoint.last_save_model_only): "
-                    "to train on from its weights, start a new dump folder with "
-                    f"--checkpoint.initial_load_path {checkpoint_id}; to resume, keep full "
-                    "checkpoints (last_save_model_only = false)"
-                )
-            prefix = f"{DATALOADER}."
-            saved = [k[len(prefix) :] for k in entries if k.startswith(prefix)]
-            if DATALOADER in state_dict and isinstance(dataloader, CaptionedImageLoader):
-                dataloader.expect_saved_ranks(saved)
-        load(state_dict, checkpoint_id, from_hf, from_quantized)
+            self.check_before_load(state_dict, checkpoint_id)
+        super().dcp_load(self.checkpoint_state(state_dict), checkpoint_id, from_hf, from_quantized)
 
-    def find_load_step(folder: str = "") -> int:
-        return latest_complete_step(folder or checkpointer.folder)
+    def check_before_load(self, state_dict: dict[str, Any], checkpoint_id: str) -> None:
+        """Refuse an incomplete checkpoint, another model's, or a model-only one for a
+        resume; tell the loader which of its entries the checkpoint holds; leave out an EMA
+        the checkpoint lacks."""
+        problem = checkpoint_problem(checkpoint_id)
+        if problem is not None:
+            raise CheckpointError(
+                f"{checkpoint_id} is incomplete ({problem}): load another step "
+                "(checkpoint.load_step) or remove that folder"
+            )
+        metadata = read_metadata(checkpoint_id)
+        check_model_entries(state_dict, metadata, checkpoint_id)
+        entries = list(metadata.state_dict_metadata)
+        wanted = [k for k in (OPTIMIZER, LR_SCHEDULER, DATALOADER) if k in state_dict]
+        saved_groups = {k.split(".")[0] for k in entries}
+        if wanted and not saved_groups & set(wanted):
+            raise CheckpointError(
+                f"{checkpoint_id} holds the model only (checkpoint.last_save_model_only): "
+                "to train on from its weights, start a new dump folder with "
+                f"--checkpoint.initial_load_path {checkpoint_id}; to resume, keep full "
+                "checkpoints (last_save_model_only = false)"
+            )
+        if EMA in state_dict and EMA not in saved_groups:  # saved by a run without [ema]
+            logger.warning(f"{checkpoint_id} holds no EMA: the average starts from its weights")
+            del state_dict[EMA]
+        prefix = f"{DATALOADER}."
+        saved = [k[len(prefix) :] for k in entries if k.startswith(prefix)]
+        loader = self.states.get(DATALOADER)
+        if DATALOADER in state_dict and isinstance(loader, CaptionedImageLoader):
+            loader.expect_saved_ranks(saved)
 
-    checkpointer.dcp_load = dcp_load  # type: ignore[method-assign]
-    checkpointer._find_load_step = find_load_step  # type: ignore[method-assign]
+    def _find_load_step(self, folder: str = "") -> int:
+        return latest_complete_step(folder or self.folder)
 
-
-def install_save_gate(checkpointer: CheckpointManager, save_now: Callable[[], bool | None]) -> None:
-    """Before each save decision, ask save_now: True saves, False skips, None keeps the
-    configured interval."""
-    should_save = checkpointer._should_save
-
-    def gated(curr_step: int, last_step: bool = False) -> bool:
-        verdict = save_now()
-        if verdict is None or not checkpointer.enable or checkpointer.load_only:
-            return should_save(curr_step, last_step)
+    def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
+        verdict = self.save_now()
+        if verdict is None or not self.enable or self.load_only:
+            return super()._should_save(curr_step, last_step)
         return verdict
 
-    checkpointer._should_save = gated  # type: ignore[method-assign]
+    def wait_for_save(self) -> None:
+        """Block until an asynchronous save has reached the disk."""
+        self._async_wait()
 
 
-def wait_for_save(checkpointer: CheckpointManager) -> None:
-    """Block until an asynchronous save has reached the disk."""
-    checkpointer._async_wait()
+# -- tensor parallelism's layouts in checkpoints -------------------------------------------
+def _strided_by_tp(t: Any) -> bool:
+    names = t.device_mesh.mesh_dim_names if isinstance(t, DTensor) else None
+    return (
+        names is not None
+        and "tp" in names
+        and isinstance(t.placements[names.index("tp")], StridedShard)
+    )
+
+
+def _plain(t: DTensor) -> DTensor:
+    """The same tensor with tensor parallelism's strided shards as a Shard of its dimension."""
+    placements = [Shard(p.dim) if isinstance(p, StridedShard) else p for p in t.placements]
+    return t.redistribute(t.device_mesh, placements)
+
+
+def plain_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """A flat state dict with the strided tensors in plain layouts DCP can save."""
+    return {k: _plain(v.detach()) if _strided_by_tp(v) else v for k, v in state.items()}
+
+
+def restore_layout(state: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
+    """plain_layout undone: each tensor back in the layout of its entry in `like`."""
+    restored = dict(state)
+    for key, value in state.items():
+        target = like.get(key)
+        if isinstance(target, DTensor) and _strided_by_tp(target) and isinstance(value, DTensor):
+            restored[key] = value.redistribute(target.device_mesh, target.placements)
+    return restored
+
+
+class PlainLayoutState(Stateful):
+    """The optimizer's state (moments in the parameters' strided layouts) given to DCP in
+    plain layouts, and taken back into the strided ones."""
+
+    def __init__(self, optimizers: Stateful):
+        self.optimizers = optimizers
+
+    def state_dict(self) -> dict[str, Any]:
+        return plain_layout(self.optimizers.state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        like = self.optimizers.state_dict()
+        self.optimizers.load_state_dict(restore_layout(state_dict, like))

@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 from torchtitan.config import ConfigManager, JobConfig
 
+from flux.sampling import PIXELS_PER_TOKEN, check_image_size
+
 if TYPE_CHECKING:
     from flux.data.precomputed import CacheSettings
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # where relative asset paths also resolve
+DEBUG_CONFIG = PACKAGE_ROOT / "flux" / "train_configs" / "debug_model.toml"  # the default job
 CUSTOM_CONFIG_MODULE = "flux.job_config"
 
 
@@ -112,9 +115,9 @@ def check_toml(values: dict[str, Any], cls: type, path: str, section: str = "") 
 
 def merged_config_class() -> type:
     from flux import job_config
+    from flux.seam import merged_config_class as merged
 
-    manager = ConfigManager()
-    return ConfigManager._merge_configs(manager.config_cls, job_config.JobConfig)
+    return merged(job_config.JobConfig)
 
 
 def parse_config(args: list[str]) -> JobConfig:
@@ -146,6 +149,156 @@ def resolve_path(path: str) -> str:
 
 def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_config(
+    job_config: JobConfig, world_size: int | None = None, parallelism: bool = True
+) -> None:
+    """What the values mean, checked by owner; sets derived values (seq_len, resolved paths).
+    parallelism=False leaves out the parallel degrees (precompute runs processes of its own)."""
+    check_model(job_config)
+    check_training(job_config)
+    check_ema(job_config)
+    check_data(job_config)
+    training, encoder = job_config.training, job_config.encoder
+    img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
+    training.seq_len = img_tokens + encoder.max_t5_encoding_len
+    if parallelism:
+        check_parallelism(job_config, _world_size() if world_size is None else world_size)
+
+
+# -- by owner: the model, training, data, parallelism ----------------------------------------
+
+
+def check_model(job_config: JobConfig) -> None:
+    from flux.model.args import flux_configs
+
+    if job_config.model.name != "flux":
+        raise ConfigError(f"model.name = {job_config.model.name!r}: this trainer runs 'flux'")
+    flavor = job_config.model.flavor
+    if flavor not in flux_configs:
+        raise ConfigError(
+            f"unknown model.flavor {flavor!r}: choose one of {', '.join(flux_configs)}"
+        )
+
+
+def check_training(job_config: JobConfig) -> None:
+    training = job_config.training
+    if training.max_nonfinite_steps < 1:
+        raise ConfigError(
+            f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
+            "(the non-finite steps in a row that stop the run)"
+        )
+
+
+def check_ema(job_config: JobConfig) -> None:
+    ema = job_config.ema
+    if not 0 <= ema.decay < 1:
+        raise ConfigError(f"ema.decay = {ema.decay}: use a value in [0, 1), e.g. 0.9999")
+    if ema.update_every < 1:
+        raise ConfigError(f"ema.update_every = {ema.update_every}: use 1 or more (steps)")
+    if ema.start_step < 0:
+        raise ConfigError(f"ema.start_step = {ema.start_step}: use 0 or more (a training step)")
+
+
+def check_data(job_config: JobConfig) -> None:
+    """Sources, image sizes and files of the training and validation data, and the frozen
+    encoders' files; relative paths are resolved."""
+    from flux.data.dataset import SOURCES
+    from flux.model.autoencoder import DOWNLOAD_HINT
+
+    training, validation, encoder = job_config.training, job_config.validation, job_config.encoder
+    sections = [("training", training)] + (
+        [("validation", validation)] if validation.enable else []
+    )
+    for key, section in sections:
+        if section.dataset not in SOURCES:
+            raise ConfigError(
+                f"unknown {key}.dataset {section.dataset!r}: choose one of {', '.join(SOURCES)}"
+            )
+        try:
+            check_image_size(section.img_size, f"{key}.img_size")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
+    if not Path(encoder.autoencoder_path).is_file():
+        raise ConfigError(
+            f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
+        )
+    for section in (training, validation):
+        if section.dataset_path:
+            section.dataset_path = resolve_path(section.dataset_path)
+    check_precomputed(job_config)
+
+
+def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
+    """What a precomputed cache of this job's data, at img_size, is made with (precompute
+    records it; training compares it). The autoencoder is named by its weights' hash."""
+    from flux.data.precomputed import CacheSettings, file_sha256
+    from flux.model.args import flux_configs
+
+    enc = job_config.encoder
+    return CacheSettings(
+        t5_encoder=enc.t5_encoder,
+        clip_encoder=enc.clip_encoder,
+        max_t5_encoding_len=enc.max_t5_encoding_len,
+        encoder_dtype=enc.encoder_dtype,
+        img_size=img_size,
+        autoencoder_sha256=file_sha256(enc.autoencoder_path),
+        latent_channels=flux_configs[job_config.model.flavor].autoencoder_params.z_channels,
+    )
+
+
+def check_precomputed(job_config: JobConfig) -> None:
+    """A `precomputed` training or validation set is a finished cache made with this job's
+    encoder settings and image size."""
+    from flux.data.precomputed import PRECOMPUTE_HINT, CacheError, check_cache
+
+    training, validation = job_config.training, job_config.validation
+    sections = [("training", training)] + (
+        [("validation", validation)] if validation.enable else []
+    )
+    expected = None  # the autoencoder is hashed once
+    for key, section in sections:
+        if section.dataset != "precomputed":
+            continue
+        if not section.dataset_path:
+            raise ConfigError(
+                f"{key}.dataset = 'precomputed' needs {key}.dataset_path: the folder "
+                f"`{PRECOMPUTE_HINT}` wrote"
+            )
+        if expected is None:
+            expected = cache_settings(job_config, section.img_size)
+        expected = dataclasses.replace(expected, img_size=section.img_size)
+        try:
+            check_cache(section.dataset_path, expected)
+        except CacheError as e:
+            raise ConfigError(f"{key}.dataset_path: {e}") from None
+
+
+def check_parallelism(job_config: JobConfig, world_size: int) -> None:
+    """Degrees against the world size and the model; float8; context parallelism's token
+    counts."""
+    from flux.model.args import flux_configs
+
+    p = job_config.parallelism
+    check_parallel_degrees(p, world_size)
+    check_model_parallelism(p, flux_configs[job_config.model.flavor])
+    check_float8(job_config)
+    training, encoder, cp = job_config.training, job_config.encoder, p.context_parallel_degree
+    img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
+    for what, tokens in (
+        (f"training.img_size {training.img_size} gives {img_tokens} image tokens", img_tokens),
+        (
+            f"encoder.max_t5_encoding_len is {encoder.max_t5_encoding_len}",
+            encoder.max_t5_encoding_len,
+        ),
+    ):
+        if tokens % cp:
+            raise ConfigError(
+                f"{what}, which do not split into parallelism.context_parallel_degree = {cp} "
+                "equal parts: make the token count a multiple of it"
+            )
 
 
 def check_parallel_degrees(p: Any, world_size: int) -> None:
@@ -226,7 +379,9 @@ def check_float8(job_config: JobConfig) -> None:
         raise ConfigError(
             "model.converters quantize.linear.float8 needs torchao: pip install -e '.[float8]'"
         )
-    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    from flux.parallel.parallelize import compiles_model
+
+    compiled = compiles_model(job_config.compile)
     emulate = float8.emulate
     if emulate and compiled:
         raise ConfigError(
@@ -237,119 +392,6 @@ def check_float8(job_config: JobConfig) -> None:
             "model.converters quantize.linear.float8 needs a GPU with float8 matmuls (compute "
             "capability 8.9 or newer): on others set quantize.linear.float8.emulate (tests only)"
         )
-
-
-def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
-    """What a precomputed cache of this job's data, at img_size, is made with (precompute
-    records it; training compares it). The autoencoder is named by its weights' hash."""
-    from flux.data.precomputed import CacheSettings, file_sha256
-    from flux.model.args import flux_configs
-
-    enc = job_config.encoder
-    return CacheSettings(
-        t5_encoder=enc.t5_encoder,
-        clip_encoder=enc.clip_encoder,
-        max_t5_encoding_len=enc.max_t5_encoding_len,
-        encoder_dtype=enc.encoder_dtype,
-        img_size=img_size,
-        autoencoder_sha256=file_sha256(enc.autoencoder_path),
-        latent_channels=flux_configs[job_config.model.flavor].autoencoder_params.z_channels,
-    )
-
-
-def check_precomputed(job_config: JobConfig) -> None:
-    """A `precomputed` training or validation set is a finished cache made with this job's
-    encoder settings and image size."""
-    from flux.data.precomputed import PRECOMPUTE_HINT, CacheError, check_cache
-
-    training, validation = job_config.training, job_config.validation
-    sections = [("training", training)] + (
-        [("validation", validation)] if validation.enable else []
-    )
-    expected = None  # the autoencoder is hashed once
-    for key, section in sections:
-        if section.dataset != "precomputed":
-            continue
-        if not section.dataset_path:
-            raise ConfigError(
-                f"{key}.dataset = 'precomputed' needs {key}.dataset_path: the folder "
-                f"`{PRECOMPUTE_HINT}` wrote"
-            )
-        if expected is None:
-            expected = cache_settings(job_config, section.img_size)
-        expected = dataclasses.replace(expected, img_size=section.img_size)
-        try:
-            check_cache(section.dataset_path, expected)
-        except CacheError as e:
-            raise ConfigError(f"{key}.dataset_path: {e}") from None
-
-
-def check_config(
-    job_config: JobConfig, world_size: int | None = None, parallelism: bool = True
-) -> None:
-    """What the values mean; sets derived values (seq_len, resolved paths). parallelism=False
-    leaves out the parallel degrees (precompute runs processes of its own)."""
-    from flux.data.dataset import SOURCES
-    from flux.model.args import flux_configs
-    from flux.model.autoencoder import DOWNLOAD_HINT
-
-    world_size = _world_size() if world_size is None else world_size
-    if job_config.model.name != "flux":
-        raise ConfigError(f"model.name = {job_config.model.name!r}: this trainer runs 'flux'")
-    flavor = job_config.model.flavor
-    if flavor not in flux_configs:
-        raise ConfigError(
-            f"unknown model.flavor {flavor!r}: choose one of {', '.join(flux_configs)}"
-        )
-    training, validation, encoder = job_config.training, job_config.validation, job_config.encoder
-    datasets = [("training.dataset", training.dataset)]
-    if validation.enable:
-        datasets.append(("validation.dataset", validation.dataset))
-    for key, name in datasets:
-        if name not in SOURCES:
-            raise ConfigError(f"unknown {key} {name!r}: choose one of {', '.join(SOURCES)}")
-    sizes = [("training.img_size", training.img_size)]
-    if validation.enable:
-        sizes.append(("validation.img_size", validation.img_size))
-    for key, size in sizes:
-        if size < 16 or size % 16:
-            raise ConfigError(f"{key} = {size}: use a positive multiple of 16")
-    if training.max_nonfinite_steps < 1:
-        raise ConfigError(
-            f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
-            "(the non-finite steps in a row that stop the run)"
-        )
-    if parallelism:
-        check_parallel_degrees(job_config.parallelism, world_size)
-        check_model_parallelism(job_config.parallelism, flux_configs[flavor])
-        check_float8(job_config)
-
-    encoder.autoencoder_path = resolve_path(encoder.autoencoder_path)
-    if not Path(encoder.autoencoder_path).is_file():
-        raise ConfigError(
-            f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
-        )
-    for section in (training, validation):
-        if section.dataset_path:
-            section.dataset_path = resolve_path(section.dataset_path)
-    check_precomputed(job_config)
-
-    patch = 16  # 8× autoencoder downsampling, then 2×2 patches
-    img_tokens = (training.img_size // patch) ** 2
-    training.seq_len = img_tokens + encoder.max_t5_encoding_len
-    cp = job_config.parallelism.context_parallel_degree
-    for what, tokens in (
-        (f"training.img_size {training.img_size} gives {img_tokens} image tokens", img_tokens),
-        (
-            f"encoder.max_t5_encoding_len is {encoder.max_t5_encoding_len}",
-            encoder.max_t5_encoding_len,
-        ),
-    ):
-        if parallelism and tokens % cp:
-            raise ConfigError(
-                f"{what}, which do not split into parallelism.context_parallel_degree = {cp} "
-                "equal parts: make the token count a multiple of it"
-            )
 
 
 def main(argv: list[str] | None = None) -> None:

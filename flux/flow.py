@@ -21,18 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
 from flux.data.caption_dropout import drop_captions, dropout_masks
 from flux.data.precomputed import TextTable
-from flux.model.args import AutoEncoderParams, FluxModelArgs
+from flux.model.args import AutoEncoderParams
 from flux.model.autoencoder import AutoEncoder, load_ae, posterior_latents
-from flux.model.text_encoders import TextEncoder
-from flux.parallelize import DTYPES
+from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
 from flux.sampling import Streams, image_ids, pack_latents, sample_timesteps, text_ids
 
-CLIP_MAX_LENGTH = 77
 PRECOMPUTED = "precomputed"  # the dataset source whose batches are already encoded
 
 TextFn = Callable[[list[str]], Tensor]  # captions -> T5 (B, L, D_t5) or CLIP (B, D_clip)
@@ -62,64 +59,96 @@ class Encoded:
         return cls(pack_latents(latents), txt, y, latents.shape[2], latents.shape[3])
 
 
-def build_text_encoders(encoder: Any, device: torch.device) -> tuple[TextEncoder, TextEncoder]:
+@dataclass(frozen=True)
+class EncoderSettings:
+    """The frozen encoders, as the [encoder] section names them."""
+
+    t5_encoder: str  # hub id, local folder, or t5-debug
+    clip_encoder: str
+    max_t5_encoding_len: int
+    autoencoder_path: str
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """How a training example is drawn ([training]), for a flavor with or without the
+    guidance embedding."""
+
+    dropout_prob: float  # caption dropout, for each encoder independently
+    timestep_sampling: str  # uniform, logit_normal or flux_shift
+    guidance: float  # the guidance embedding's input during training
+    guidance_embed: bool
+
+
+@dataclass
+class FrozenParts:
+    """Which frozen parts a run builds; the trainer decides from its data and validation.
+
+    Data read online needs all of T5/CLIP and the autoencoder's encoder. Precomputed data
+    needs no T5/CLIP (caption dropout takes the empty caption's encodings from the cache's
+    text table, and validation samples prompts encoded there) and no encoder; validation
+    keeps the decoder to draw its images."""
+
+    text_encoders: bool
+    latent_encoder: bool
+    latent_decoder: bool
+    texts: TextTable | None = None  # a precomputed cache's encoded texts
+
+
+def build_text_encoders(
+    settings: EncoderSettings, device: torch.device
+) -> tuple[TextEncoder, TextEncoder]:
     """T5 and CLIP as the [encoder] section sets them (the trainer's and precompute's)."""
-    dtype = DTYPES[encoder.encoder_dtype]
-    t5 = TextEncoder("t5", encoder.t5_encoder, encoder.max_t5_encoding_len, dtype).to(device)
-    clip = TextEncoder("clip", encoder.clip_encoder, CLIP_MAX_LENGTH, dtype).to(device)
-    return t5, clip
+    t5 = TextEncoder("t5", settings.t5_encoder, settings.max_t5_encoding_len, settings.dtype)
+    clip = TextEncoder("clip", settings.clip_encoder, CLIP_MAX_LENGTH, settings.dtype)
+    return t5.to(device), clip.to(device)
 
 
-def build_autoencoder(encoder: Any, params: AutoEncoderParams, device: torch.device) -> AutoEncoder:
-    """The autoencoder as the [encoder] section sets it, in encoder_dtype."""
-    return load_ae(encoder.autoencoder_path, params, device).to(DTYPES[encoder.encoder_dtype])
+def build_autoencoder(
+    settings: EncoderSettings, params: AutoEncoderParams, device: torch.device
+) -> AutoEncoder:
+    """The autoencoder as the [encoder] section sets it, in its dtype."""
+    return load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
 
 
 class FluxPreprocessor:
     """Frozen T5, CLIP and autoencoder: a batch of images and captions -> a FlowBatch.
+    Builds the parts `parts` names; a precomputed batch's encodings are used as they are."""
 
-    Only what the run uses is built. Data read online (a training set, or a validation set,
-    that is not `precomputed`) needs all three. With precomputed data: no T5/CLIP (caption
-    dropout takes the empty caption's encodings from the cache, and validation images are
-    sampled for prompts encoded in the cache, if all of validation.sample_prompts are; T5
-    and CLIP are built for them otherwise) and no autoencoder encoder (validation keeps
-    the decoder to draw its images).
-    """
-
-    def __init__(self, job_config: JobConfig, model_args: FluxModelArgs, device: torch.device):
-        enc, training, validation = job_config.encoder, job_config.training, job_config.validation
+    def __init__(
+        self,
+        encoders: EncoderSettings,
+        parts: FrozenParts,
+        flow: FlowSettings,
+        ae_params: AutoEncoderParams,
+        device: torch.device,
+    ):
         self.device = device
-        self.dtype = DTYPES[enc.encoder_dtype]
-        self.ae_params = model_args.autoencoder_params
-        validating = validation.enable
-        sections = [training, validation] if validating else [training]
-        caches = [s.dataset_path for s in sections if s.dataset == PRECOMPUTED]
-        online = any(s.dataset != PRECOMPUTED for s in sections)
-        self.texts = TextTable.read(caches[0]).to(device) if caches else None
-        prompts_cached = self.texts is not None and self.texts.has(["", *validation.sample_prompts])
-
+        self.dtype = encoders.dtype
+        self.ae_params = ae_params
+        self.settings = flow
+        self.texts = parts.texts.to(device) if parts.texts is not None else None
         self.t5: TextEncoder | None = None
         self.clip: TextEncoder | None = None
-        if online or (validating and not prompts_cached):
-            self.t5, self.clip = build_text_encoders(enc, device)
+        if parts.text_encoders:
+            self.t5, self.clip = build_text_encoders(encoders, device)
         self.autoencoder: AutoEncoder | None = None
-        if online or validating:
-            self.autoencoder = build_autoencoder(enc, self.ae_params, device)
-            if not online:
-                self.autoencoder.encoder.to("meta")  # only the decoder runs: free the rest
-        if caches:
-            parts = {
-                "T5/CLIP": self.t5 is not None,
-                "autoencoder encoder": online,
-                "autoencoder decoder": self.autoencoder is not None,
+        if parts.latent_encoder or parts.latent_decoder:
+            self.autoencoder = build_autoencoder(encoders, ae_params, device)
+            # free the half that never runs
+            if not parts.latent_encoder:
+                self.autoencoder.encoder.to("meta")
+            if not parts.latent_decoder:
+                self.autoencoder.decoder.to("meta")
+        if self.texts is not None:
+            built = {
+                "T5/CLIP": parts.text_encoders,
+                "autoencoder encoder": parts.latent_encoder,
+                "autoencoder decoder": parts.latent_decoder,
             }
-            built = ", ".join(name for name, used in parts.items() if used)
-            logger.info(f"precomputed data: frozen parts built: {built or 'none'}")
-
-        self.guidance_embed = model_args.guidance_embed
-        self.dropout_prob = training.classifier_free_guidance_prob
-        self.timestep_sampling = training.timestep_sampling
-        self.guidance = training.guidance
+            names = ", ".join(name for name, used in built.items() if used)
+            logger.info(f"precomputed data: frozen parts built: {names or 'none'}")
 
     def text_encoders(self) -> tuple[TextFn, TextFn]:
         """T5 and CLIP for prompts: the encoders, or the cache's encoded texts without them."""
@@ -184,21 +213,21 @@ class FluxPreprocessor:
             "timesteps": t,
             "y": encoded.y,
         }
-        if self.guidance_embed:
-            inputs["guidance"] = torch.full((b,), self.guidance, device=self.device)
+        if self.settings.guidance_embed:
+            inputs["guidance"] = torch.full((b,), self.settings.guidance, device=self.device)
         return FlowBatch(inputs, noise - x0)
 
     @torch.no_grad()
     def sample_flow(self, encoded: Encoded, streams: Streams) -> FlowBatch:
         """The FlowBatch at t from the configured sampling, with noise, both per sample."""
-        kind, tokens = self.timestep_sampling, encoded.x0.shape[1]
+        kind, tokens = self.settings.timestep_sampling, encoded.x0.shape[1]
         t = torch.cat([sample_timesteps(kind, 1, tokens, g) for g in streams.cpu])
         noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
         return self.flow(encoded, t.to(self.device), noise)
 
     def __call__(self, batch: dict[str, Any], streams: Streams) -> FlowBatch:
         """A training micro-batch: caption dropout, latents, t from the configured sampling."""
-        return self.sample_flow(self.encode(batch, self.dropout_prob, streams), streams)
+        return self.sample_flow(self.encode(batch, self.settings.dropout_prob, streams), streams)
 
 
 def flow_matching_loss(model: torch.nn.Module, batch: FlowBatch) -> Tensor:

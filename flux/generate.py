@@ -18,7 +18,15 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
 from flux.model.autoencoder import AutoEncoder
-from flux.sampling import denoise, get_schedule, image_ids, pack_latents, text_ids, unpack_latents
+from flux.sampling import (
+    check_image_size,
+    denoise,
+    get_schedule,
+    image_ids,
+    pack_latents,
+    text_ids,
+    unpack_latents,
+)
 
 
 @dataclass
@@ -45,8 +53,7 @@ def generate(
     """Sample one image per prompt: Euler steps over the schedule, then the decoder.
 
     t5, clip: captions -> (B, L, D_t5), (B, D_clip): TextEncoders, or encodings looked up."""
-    if settings.img_size % 16:
-        raise ValueError(f"image size {settings.img_size} must be a multiple of 16")
+    check_image_size(settings.img_size, "image size")
     b = len(prompts)
     side = settings.img_size // 8
     channels = autoencoder.params.z_channels

@@ -1,7 +1,7 @@
 """The TOML sections this package adds to torchtitan's JobConfig.
 
 torchtitan merges these dataclasses field by field into its own (`job.custom_config_module =
-"flux.job_config"`): `[encoder]` and `[inference]` are new sections, and `[training]` and
+"flux.job_config"`): `[encoder]`, `[ema]` and `[inference]` are new sections, and `[training]` and
 `[validation]` gain the fields below. Each docstring is what `--help` shows.
 """
 
@@ -88,6 +88,35 @@ class Validation:
 
 
 @dataclass
+class Ema:
+    enable: bool = False
+    """Keep an exponential moving average (EMA) of the weights: float32, per shard, saved in
+    full checkpoints as ema.*; validated, exported (convert to-flux --ema) and sampled
+    (run_infer.sh) beside or instead of the raw weights"""
+
+    decay: float = 0.9999
+    """Decay of the average per update (each update keeps decay of it), in [0, 1)"""
+
+    warmup: bool = True
+    """Ramp the decay up as min(decay, (1 + k) / (10 + k)) over the updates k, so the first
+    steps' weights are forgotten soon; without it every update uses decay"""
+
+    update_every: int = 1
+    """Update the average every N training steps (its horizon is then N / (1 - decay) steps)"""
+
+    start_step: int = 0
+    """The first training step that updates the average (its first update copies the
+    weights); validation and export of the average wait for it"""
+
+    cpu_offload: bool = False
+    """Keep the average in host memory (each update copies the weights to the host)"""
+
+    validation: Literal["raw", "ema", "both"] = "both"
+    """Which weights validation evaluates when the average is kept: raw, ema or both (the
+    average's loss is validation_metrics/ema_loss, its images validation/ema/step_N.png)"""
+
+
+@dataclass
 class Inference:
     prompts: list[str] = field(default_factory=list)
     """Prompts to sample (or use prompts_path)"""
@@ -104,4 +133,5 @@ class JobConfig:
     encoder: Encoder = field(default_factory=Encoder)
     training: Training = field(default_factory=Training)
     validation: Validation = field(default_factory=Validation)
+    ema: Ema = field(default_factory=Ema)
     inference: Inference = field(default_factory=Inference)

@@ -7,9 +7,7 @@ REQUEUE_EXIT_CODE after writing the file named by FLUX_REQUEUE_FILE, which run_t
 turns into its exit status and slurm_train.sh into `scontrol requeue`.
 
 Killed processes: torchrun --max-restarts starts every process again, and they resume from
-the last checkpoint. torchrun keeps its key-value store across those attempts, so the
-process group of a new attempt could read the addresses the killed attempt left there and
-fail to connect; each attempt gets keys of its own (store_of_this_attempt).
+the last checkpoint (each attempt's process group gets store keys of its own: flux.seam).
 
 Non-finite steps: a step whose loss or gradient norm is not finite on any rank is not
 applied; after `training.max_nonfinite_steps` of them in a row the run stops with
@@ -20,12 +18,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,39 +50,6 @@ class StopSignals:
             self.received = signal.Signals(signum).name
             # print, not the logger: a handler may run while the logger holds its lock
             print(f"flux: got {self.received}: stopping after this step", flush=True)
-
-
-@contextmanager
-def store_of_this_attempt() -> Iterator[None]:
-    """Within it, init_process_group uses torchrun's store under a prefix of this restart
-    attempt (from the second attempt on; the first one is left as torchrun sets it up)."""
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        yield
-        return
-    init_process_group = dist.init_process_group
-
-    def init_with_keys_of_this_attempt(*args: Any, **kwargs: Any) -> None:
-        world_size = int(os.environ["WORLD_SIZE"])
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            world_size,
-            is_master=False,
-            timeout=kwargs.get("timeout") or timedelta(minutes=10),
-        )
-        kwargs |= {
-            "store": dist.PrefixStore(f"flux/attempt_{attempt}/", store),
-            "rank": int(os.environ["RANK"]),
-            "world_size": world_size,
-        }
-        init_process_group(*args, **kwargs)
-
-    dist.init_process_group = init_with_keys_of_this_attempt
-    try:
-        yield
-    finally:
-        dist.init_process_group = init_process_group
 
 
 def step_verdict(loss: Tensor, grad_norm: Tensor, stop_requested: bool) -> tuple[bool, bool]:

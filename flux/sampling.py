@@ -17,6 +17,14 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "flux_shift")
+PIXELS_PER_TOKEN = 16  # the autoencoder's 8× downsampling, then 2×2 patches
+
+
+def check_image_size(size: int, name: str) -> None:
+    """Refuse an image side the model cannot take: `name` = size is not a positive
+    multiple of 16 (ValueError, saying so)."""
+    if size < PIXELS_PER_TOKEN or size % PIXELS_PER_TOKEN:
+        raise ValueError(f"{name} = {size}: use a positive multiple of {PIXELS_PER_TOKEN}")
 
 
 def pack_latents(latents: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ differ, and a resumed run, with gradient accumulation or on another world size, 
 each sample exactly what the unbroken run drew.
 
 A step whose loss or gradients are not finite is not applied; SIGTERM/SIGUSR1 stop the run
-after the current step with a checkpoint (flux.resilience).
+after the current step with a checkpoint (flux.resilience). With [ema], each applied step
+may update an average of the weights (flux.ema), checkpointed and validated with them.
 """
 
 from __future__ import annotations
@@ -30,41 +31,45 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
-from flux.checkpoint import CheckpointError, install_load_hooks, install_save_gate, wait_for_save
+from flux import seam
+from flux.checkpoint import CheckpointError, FluxCheckpointManager
 from flux.config import ConfigError, check_config, parse_config
-from flux.context_parallel import shard_sequence
-from flux.device import use_cpu_if_no_accelerator
-from flux.flow import FlowBatch, FluxPreprocessor, flow_matching_loss
+from flux.ema import EMA, build_average
+from flux.flow import FlowBatch, flow_matching_loss
+from flux.parallel.context_parallel import shard_sequence
 from flux.resilience import (
     REQUEUE_EXIT_CODE,
     NonFiniteLossError,
     NonFiniteSteps,
     StopSignals,
     step_verdict,
-    store_of_this_attempt,
     write_requeue_file,
 )
 from flux.sampling import Streams
-from flux.tensor_parallel import keep_checkpoint_layout
+from flux.train_spec import build_preprocessor, ema_settings
 from flux.validate import FluxValidator
 
 
 class FluxTrainer(Trainer):
+    checkpointer: FluxCheckpointManager  # flux.seam.install has torchtitan build this class
+    device: torch.device
+
     def __init__(self, job_config: JobConfig):
         self.stop_signals = StopSignals()
         self.stop_signals.install()  # before the (long) set-up: a signal then stops at step 1
         self.preempted = False
         self.stop_error: NonFiniteLossError | None = None  # ends the loop without a traceback
         self.nonfinite = NonFiniteSteps(job_config.training.max_nonfinite_steps)
+        seam.install()
         super().__init__(job_config)
-        device: torch.device = self.device
-        if device.type == "cpu":
-            self.device = device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
-        self.preprocess = FluxPreprocessor(job_config, self.model_args, self.device)
-        install_load_hooks(self.checkpointer, self.dataloader)
-        install_save_gate(self.checkpointer, self.save_now)
-        if self.parallel_dims.tp_enabled:
-            keep_checkpoint_layout(self.checkpointer, self.optimizers)
+        if self.device.type == "cpu":
+            self.device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
+        self.preprocess = build_preprocessor(job_config, self.model_args, self.device)
+        assert isinstance(self.checkpointer, FluxCheckpointManager), "flux.seam.install"
+        self.checkpointer.attach(self.save_now, plain_layouts=self.parallel_dims.tp_enabled)
+        self.ema = build_average(self.model_parts[0], ema_settings(job_config))
+        if self.ema is not None:
+            self.checkpointer.states[EMA] = self.ema  # saved, loaded and resharded by DCP
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
         self.images_since_log = 0
@@ -72,11 +77,7 @@ class FluxTrainer(Trainer):
         if job_config.validation.enable:
             assert isinstance(self.validator, FluxValidator)
             self.flux_validator = self.validator
-            self.flux_validator.attach(self.preprocess, self.device)
-
-    def init_distributed(self) -> Any:
-        with store_of_this_attempt():
-            return super().init_distributed()
+            self.flux_validator.attach(self.preprocess, self.device, self.ema)
 
     def batch_generator(self, data_iterable: Iterable[Any]) -> Iterator[dict[str, Any]]:
         """Batches of {"images", "captions", "keys"}; counts tokens and loading time."""
@@ -127,6 +128,8 @@ class FluxTrainer(Trainer):
         except NonFiniteLossError as e:
             self.stop_error = e
             return
+        if self.ema is not None and not self.nonfinite.in_streak:  # the step was applied
+            self.ema.update(self.step)
         if self.preempted:
             why = self.stop_signals.received or "a signal to another rank"
             logger.warning(f"step {self.step}: stopping for {why}; saving a checkpoint")
@@ -171,17 +174,39 @@ class FluxTrainer(Trainer):
             max_loss = dist_utils.dist_max(loss, mesh)
         else:
             avg_loss = max_loss = loss.item()
-        elapsed = time.perf_counter() - self.metrics_processor.time_last_log
+        mp = self.metrics_processor
+        elapsed = time.perf_counter() - mp.time_last_log
+        steps = self.job_config.metrics.log_freq
         images_per_s = self.images_since_log / elapsed
-        self.images_since_log = 0
-        self.metrics_processor.log(
-            self.step,
-            avg_loss,
-            max_loss,
-            grad_norm.item(),
-            extra_metrics={"lr": lr, "images_per_s_per_rank": images_per_s},
+        tps = mp.ntokens_since_last_log / (elapsed * self.parallel_dims.non_data_parallel_size)
+        memory = mp.device_memory_monitor.get_peak_stats()
+        metrics = {
+            "loss_metrics/global_avg_loss": avg_loss,
+            "loss_metrics/global_max_loss": max_loss,
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "images_per_s_per_rank": images_per_s,
+            "throughput(tps)": tps,
+            "time_metrics/end_to_end(s)": elapsed / steps,
+            "time_metrics/data_loading(s)": sum(mp.data_loading_times) / steps,
+            "memory/max_reserved(GiB)": memory.max_reserved_gib,
+            "memory/max_reserved(%)": memory.max_reserved_pct,
+        }
+        line = (
+            f"step: {self.step:2}  loss: {avg_loss:8.5f}  grad_norm: {metrics['grad_norm']:7.4f}"
+            f"  memory: {memory.max_reserved_gib:5.2f}GiB  images/s: {images_per_s:.1f}"
+            f"  lr: {lr:.2e}"
         )
-        logger.info(f"step {self.step}: {images_per_s:.1f} images/s on this rank, lr {lr:.2e}")
+        if self.device.type != "cpu":  # MFU against a GPU's peak; a CPU has none to use
+            tflops = mp.num_flops_per_token * tps / 1e12
+            metrics |= {"tflops": tflops, "mfu(%)": 100 * tflops * 1e12 / mp.gpu_peak_flops}
+            line += f"  tflops: {tflops:,.1f}  mfu: {metrics['mfu(%)']:.1f}%"
+        mp.logger.log(metrics, self.step)
+        logger.info(line)
+        self.images_since_log = mp.ntokens_since_last_log = 0
+        mp.data_loading_times.clear()
+        mp.time_last_log = time.perf_counter()
+        mp.device_memory_monitor.reset_peak_stats()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,7 +221,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     os.environ.setdefault("LOCAL_RANK", "0")
-    use_cpu_if_no_accelerator()
     trainer = None
     try:
         trainer = FluxTrainer(config)
@@ -204,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         if trainer.stop_error is not None:
             raise trainer.stop_error
         if trainer.preempted:
-            wait_for_save(trainer.checkpointer)
+            trainer.checkpointer.wait_for_save()
             folder = trainer.checkpointer.folder if trainer.checkpointer.enable else None
             write_requeue_file(trainer.step, folder)
             sys.exit(REQUEUE_EXIT_CODE)

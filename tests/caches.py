@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flux.config import check_config, parse_config
+from flux.config import DEBUG_CONFIG, check_config, parse_config
 from flux.scripts import precompute
-from tests.launch import ROOT
 
-DEBUG = str(ROOT / "flux" / "train_configs" / "debug_model.toml")
+DEBUG = str(DEBUG_CONFIG)
 
 
 def make_cache(root: Path, num_samples: int, *args: str) -> Path:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP_LOSS = re.compile(r"(?<!validate )step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
 VALIDATION_LOSS = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
+EMA_VALIDATION_LOSS = re.compile(r"validate step:\s+(\d+)\s+ema loss:\s+([0-9.]+|nan|inf)")
 
 
 @dataclass
@@ -30,6 +31,11 @@ class Run:
     def validation_losses(self) -> dict[int, float]:
         return {int(s): float(v) for s, v in VALIDATION_LOSS.findall(self.output)}
 
+    @property
+    def ema_validation_losses(self) -> dict[int, float]:
+        """The validation losses of the average of the weights ([ema])."""
+        return {int(s): float(v) for s, v in EMA_VALIDATION_LOSS.findall(self.output)}
+
 
 def run_train(dump_folder: Path, *args: str, nproc: int = 1, timeout: int = 300) -> Run:
     env = dict(os.environ, NGPU=str(nproc), PYTHONUNBUFFERED="1")
@@ -44,6 +50,14 @@ def run_train(dump_folder: Path, *args: str, nproc: int = 1, timeout: int = 300)
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
+
+
+def average_at(dump_folder: Path, step: int) -> dict:
+    """The average of the weights ([ema]) a run saved at `step`, as convert --ema reads it."""
+    from flux.scripts.convert import meta_model
+    from flux.weights import read_weights
+
+    return read_weights(dump_folder / "checkpoint" / f"step-{step}", meta_model("flux-debug"), True)
 
 
 class Training:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from torchtitan.tools.utils import has_cuda_capability
 
-from flux.config import ConfigError, check_config, parse_config, resolve_path
+from flux.config import DEBUG_CONFIG, ConfigError, check_config, parse_config, resolve_path
 from flux.model.args import flux_configs
-from tests.launch import ROOT, run_train
+from tests.launch import run_train
 
-DEBUG = str(ROOT / "flux" / "train_configs" / "debug_model.toml")
+DEBUG = str(DEBUG_CONFIG)
+FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")
+ALL_GATHER = ("--quantize.linear.float8.enable_fsdp_float8_all_gather",)
 
 
 def config(*args: str):
@@ -80,6 +83,26 @@ def test_max_nonfinite_steps_must_be_at_least_one() -> None:
     assert "use 1 or more" in refused("--training.max_nonfinite_steps", "0")
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--model.converters", "quantize.linear.float8"), "needs a GPU with float8 matmuls"),
+        ((*FLOAT8, "--compile.enable"), "emulate does not work with compile.enable"),
+        (
+            (*FLOAT8, "--parallelism.tensor_parallel_degree", "2", *ALL_GATHER),
+            "with tensor parallelism takes the tensorwise recipe and no FSDP float8 all-gather",
+        ),
+    ],
+)
+def test_float8_settings_that_cannot_run_are_refused_in_one_line(args, expected) -> None:
+    if "GPU" in expected and has_cuda_capability(8, 9):
+        pytest.skip("this machine has float8 matmuls")
+    world_size = 2 if "--parallelism.tensor_parallel_degree" in args else 1
+    with pytest.raises(ConfigError) as error:
+        check_config(config(*args), world_size)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
 def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "job.toml"
     path.write_text(text)
@@ -116,6 +139,7 @@ def test_relative_asset_paths_resolve_from_any_directory(tmp_path, monkeypatch) 
     assert resolve_path("not/there.bin") == "not/there.bin"
 
 
+@pytest.mark.e2e
 def test_run_train_sh_prints_the_error_as_one_line_and_exits_2(tmp_path) -> None:
     run = run_train(tmp_path, "--model.flavor", "flux-pro")
     assert run.returncode != 0
@@ -123,3 +147,15 @@ def test_run_train_sh_prints_the_error_as_one_line_and_exits_2(tmp_path) -> None
     assert len(lines) == 1 and "unknown model.flavor 'flux-pro'" in lines[0]
     assert "Traceback" not in run.output
     assert not (tmp_path / "checkpoint").exists()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--ema.decay", "1"), "ema.decay = 1.0: use a value in [0, 1)"),
+        (("--ema.update_every", "0"), "ema.update_every = 0: use 1 or more"),
+        (("--ema.start_step", "-1"), "ema.start_step = -1: use 0 or more"),
+    ],
+)
+def test_ema_settings_out_of_range(args: tuple[str, ...], expected: str) -> None:
+    assert expected in refused("--ema.enable", *args)

@@ -14,6 +14,7 @@ from flux.flow import FluxPreprocessor, flow_matching_loss
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.sampling import Streams
+from flux.train_spec import build_preprocessor
 from tests.caches import job, make_cache
 
 ARGS = flux_configs["flux-debug"]
@@ -51,7 +52,7 @@ def preprocessors(cache, dtype: str, prob: str) -> tuple[FluxPreprocessor, FluxP
     cached = job(
         *common, "--training.dataset", "precomputed", "--training.dataset_path", str(cache)
     )
-    return FluxPreprocessor(online, ARGS, CPU), FluxPreprocessor(cached, ARGS, CPU)
+    return build_preprocessor(online, ARGS, CPU), build_preprocessor(cached, ARGS, CPU)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -108,11 +109,11 @@ def test_precomputed_data_builds_only_what_validation_needs(caches) -> None:
     root, dtype = caches("float32"), "float32"
     cached = ("--training.dataset", "precomputed", "--training.dataset_path", str(root))
     common = ("--encoder.encoder_dtype", dtype, *cached)
-    train_only = FluxPreprocessor(job(*common), ARGS, CPU)
+    train_only = build_preprocessor(job(*common), ARGS, CPU)
     assert train_only.t5 is None and train_only.clip is None and train_only.autoencoder is None
 
     validate_on_cache = ("--validation.enable", "--validation.dataset", "precomputed")
-    pre = FluxPreprocessor(
+    pre = build_preprocessor(
         job(*common, *validate_on_cache, "--validation.dataset_path", str(root)), ARGS, CPU
     )
     assert pre.t5 is None and pre.clip is None and pre.autoencoder is not None
@@ -125,6 +126,6 @@ def test_precomputed_data_builds_only_what_validation_needs(caches) -> None:
     torch.testing.assert_close(t5(prompts), online_t5(prompts), rtol=0, atol=tolerance)
     torch.testing.assert_close(clip(prompts), online_clip(prompts), rtol=0, atol=tolerance)
 
-    validate_on_shapes = FluxPreprocessor(job(*common, "--validation.enable"), ARGS, CPU)
+    validate_on_shapes = build_preprocessor(job(*common, "--validation.enable"), ARGS, CPU)
     assert validate_on_shapes.t5 is not None and validate_on_shapes.autoencoder is not None
     assert not any(p.is_meta for p in validate_on_shapes.autoencoder.parameters())

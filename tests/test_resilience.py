@@ -15,6 +15,8 @@ import pytest
 from flux.checkpoint import checkpoint_problem, latest_complete_step
 from tests.launch import Run, Training, run_train
 
+pytestmark = pytest.mark.e2e
+
 STEPS = 16
 ARGS = (
     "--debug.seed",
@@ -151,7 +153,9 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
     assert "step:" not in run.output  # refused before any step
 
 
-def test_a_non_finite_step_changes_no_weight_and_training_goes_on(tmp_path) -> None:
+def test_a_non_finite_step_changes_no_weight_nor_the_average_and_training_goes_on(
+    tmp_path,
+) -> None:
     from safetensors.torch import load_file
 
     from flux.data.dataset import CaptionedImages
@@ -160,7 +164,8 @@ def test_a_non_finite_step_changes_no_weight_and_training_goes_on(tmp_path) -> N
 
     # One sample of a cache made NaN: the step that reads it (step 3 of batches of 4 in the
     # source's shuffled order) gets a NaN loss; the validation loss, measured after every
-    # step on clean held-out data, must not move across that step and must move across others.
+    # step on clean held-out data, must not move across that step and must move across others;
+    # and so must the validation loss of the average of the weights ([ema]).
     cache = make_cache(tmp_path / "cache", 20, "--shard_size", "20")
     order = [s.key for s, _ in zip(CaptionedImages("precomputed", 64, path=cache), range(9))]
     shard = cache / "shard-000000.safetensors"
@@ -173,12 +178,13 @@ def test_a_non_finite_step_changes_no_weight_and_training_goes_on(tmp_path) -> N
         *("--training.dataset", "precomputed", "--training.dataset_path", str(cache)),
         *("--lr_scheduler.warmup_steps", "1", "--training.max_nonfinite_steps", "2"),
         *("--validation.freq", "1", "--validation.steps", "1", "--validation.sampling_steps", "1"),
+        *("--ema.enable", "--ema.decay", "0.5"),
     )
     run = run_train(tmp_path / "run", *args)
     assert run.returncode == 0, run.output[-3000:]
     assert "step 3: loss nan / gradient norm nan not finite" in run.output
     assert [s for s, v in run.losses.items() if not math.isfinite(v)] == [3]
-    val = run.validation_losses
-    assert sorted(val) == [1, 2, 3, 4, 5] and all(math.isfinite(v) for v in val.values())
-    assert val[3] == val[2]  # step 3 was not applied
-    assert val[2] != val[1] and val[4] != val[3] and val[5] != val[4]  # the others were
+    for val in (run.validation_losses, run.ema_validation_losses):
+        assert sorted(val) == [1, 2, 3, 4, 5] and all(math.isfinite(v) for v in val.values())
+        assert val[3] == val[2]  # step 3 was not applied
+        assert val[2] != val[1] and val[4] != val[3] and val[5] != val[4]  # the others were

@@ -30,6 +30,19 @@ from flux.data.webdataset import CC12M_HUB_ID, RecordStream, decode_record, hub_
 
 SOURCES = ("shapes", "imagefolder", "webdataset", "cc12m-wds", "precomputed")
 PATH_SOURCES = ("imagefolder", "webdataset", "precomputed")  # need dataset_path
+HELD_OUT_SEED = 1_000_003  # held-out draws are seeded apart from training's
+
+
+def held_out_seed(seed: int) -> int:
+    """The seed of held-out draws (validation's noise, the shapes source's validation
+    samples) for a run seeded with `seed`."""
+    return seed + HELD_OUT_SEED
+
+
+def split_seed(split: str, source: str, seed: int) -> int:
+    """The seed a split reads its source with: the shapes source draws its validation
+    samples from the held-out seed (other sources hold different files)."""
+    return held_out_seed(seed) if split == "validation" and source == "shapes" else seed
 
 
 @dataclass

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
-from torchtitan.protocols.model import BaseModelArgs
-
 
 @dataclass
 class AutoEncoderParams:
@@ -27,7 +24,7 @@ class AutoEncoderParams:
 
 
 @dataclass
-class FluxModelArgs(BaseModelArgs):
+class FluxModelArgs:
     """Shape of the FLUX transformer (names as in the reference) and of its inputs."""
 
     in_channels: int = 64
@@ -44,8 +41,8 @@ class FluxModelArgs(BaseModelArgs):
     qkv_bias: bool = True
     guidance_embed: bool = False
     autoencoder_params: AutoEncoderParams = field(default_factory=AutoEncoderParams)
-    # Text tokens per sample (the T5 length): needed to split a sequence into text and
-    # image tokens when counting FLOPs. The trainer sets it from its encoder config.
+    # Text tokens per sample (the T5 length the flavor is sampled with; FLOP counts split a
+    # sequence into text and image tokens with it). The trainer sets it from its config.
     txt_seq_len: int = 256
 
     def __post_init__(self) -> None:
@@ -63,26 +60,6 @@ class FluxModelArgs(BaseModelArgs):
     @property
     def mlp_hidden_dim(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
-
-    def update_from_config(self, job_config, **kwargs) -> None:  # noqa: ANN001
-        """The T5 length comes from the job's [encoder] section (FLOP counts need it)."""
-        encoder = getattr(job_config, "encoder", None)
-        if encoder is not None:
-            self.txt_seq_len = encoder.max_t5_encoding_len
-
-    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-        """Parameter count and training FLOPs per token for a sample of seq_len tokens.
-
-        seq_len counts text and image tokens together; txt_seq_len of them are text.
-        """
-        nparams = sum(p.numel() for p in model.parameters())
-        img_tokens = seq_len - self.txt_seq_len
-        if img_tokens <= 0:
-            raise ValueError(
-                f"seq_len {seq_len} leaves no image tokens after {self.txt_seq_len} text tokens"
-            )
-        flops = training_flops_per_sample(self, img_tokens, self.txt_seq_len)
-        return nparams, round(flops / seq_len)
 
 
 def training_flops_per_sample(args: FluxModelArgs, img_tokens: int, txt_tokens: int) -> int:

@@ -105,13 +105,15 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.norm = QKNorm(dim // num_heads)
+        self.norm = QKNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, D) -> normed q, k and v, each (B, H, L, K)."""
-        q, k, v = rearrange(self.qkv(x), "b l (t h k) -> t b h l k", t=3, h=self.num_heads)
+        """x (B, L, D) -> normed q, k and v, each (B, H, L, K). Heads are counted from the
+        head size, so a projection that holds some of the heads (tensor parallelism) works."""
+        q, k, v = rearrange(self.qkv(x), "b l (t h k) -> t b h l k", t=3, k=self.head_dim)
         q, k = self.norm(q, k, v)
         return q, k, v
 
@@ -153,7 +155,7 @@ class DoubleStreamBlock(nn.Module):
     """Separate weights for image and text tokens, joint attention over both.
 
     attend is the joint attention (q, k, v, pe) -> (B, L, H·K); context parallelism gives
-    a block one that attends across ranks (flux/context_parallel.py)."""
+    a block one that attends across ranks (flux/parallel/context_parallel.py)."""
 
     attend = staticmethod(attention)
 
@@ -204,10 +206,11 @@ class SingleStreamBlock(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
         self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + self.mlp_hidden_dim)
         self.linear2 = nn.Linear(hidden_size + self.mlp_hidden_dim, hidden_size)
-        self.norm = QKNorm(hidden_size // num_heads)
+        self.norm = QKNorm(self.head_dim)
         self.pre_norm = _layer_norm(hidden_size)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
@@ -215,10 +218,13 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         """x (B, L, D) -> (B, L, D)."""
         (mod,) = self.modulation(vec)
-        qkv, mlp = self.linear1(mod.modulate(self.pre_norm(x))).split(
-            [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )
-        q, k, v = rearrange(qkv, "b l (t h k) -> t b h l k", t=3, h=self.num_heads)
+        fused = self.linear1(mod.modulate(self.pre_norm(x)))
+        # q, k, v then the MLP's input, in the proportion 3·D : M (which a projection that
+        # holds a share of each, under tensor parallelism, keeps)
+        width, attn = fused.shape[-1], 3 * self.hidden_size
+        attn_width = width * attn // (attn + self.mlp_hidden_dim)
+        qkv, mlp = fused.split([attn_width, width - attn_width], dim=-1)
+        q, k, v = rearrange(qkv, "b l (t h k) -> t b h l k", t=3, k=self.head_dim)
         q, k = self.norm(q, k, v)
         out = self.linear2(torch.cat((self.attend(q, k, v, pe), self.mlp_act(mlp)), dim=2))
         return x + mod.gate * out

@@ -17,6 +17,7 @@ ASSETS = Path(__file__).parents[1] / "assets"
 BUNDLED = {"t5-debug": ASSETS / "t5-debug", "clip-debug": ASSETS / "clip-debug"}
 T5_HUB_ID = "google/t5-v1_1-xxl"
 CLIP_HUB_ID = "openai/clip-vit-large-patch14"
+CLIP_MAX_LENGTH = 77  # CLIP's context: every FLUX.1 prompt is padded or cut to it
 
 
 def resolve(name_or_path: str) -> str:

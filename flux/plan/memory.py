@@ -22,10 +22,10 @@ from functools import partial, wraps
 from typing import Any
 
 import torch
-from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.utils._pytree import tree_flatten
 
 from flux.plan.local_ops import LocalOpsMode
+from flux.seam import untyped_storages
 
 UNSHARDED = "unsharded parameters"  # FSDP's gathered copies, alive while a block runs
 COMM = "communication buffers"  # FSDP's all-gather outputs and reduce-scatter inputs
@@ -81,7 +81,7 @@ class MemoryTracker(LocalOpsMode):
         """Count storages that existed before the tracker (parameters, optimizer state)."""
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                for st in get_untyped_storages(t):
+                for st in untyped_storages(t):
                     record = self._record(st)
                     if tag is not None:
                         self._tags[record] = tag
@@ -94,7 +94,7 @@ class MemoryTracker(LocalOpsMode):
             self.track([args[1]], COMM)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                for st in get_untyped_storages(t):
+                for st in untyped_storages(t):
                     record = self._record(st)
                     if st.nbytes() != self._bytes[record]:
                         self._resized(record, st.nbytes())
@@ -133,7 +133,7 @@ class MemoryTracker(LocalOpsMode):
             for t in tensors:
                 if not isinstance(t, torch.Tensor):
                     continue
-                for st in get_untyped_storages(t):
+                for st in untyped_storages(t):
                     known = self._record_of.get(id(st))
                     if known is not None:
                         category.setdefault(known, name)

@@ -50,6 +50,7 @@ class Memory:
     hbm_bytes: float
     usable_bytes: float  # HBM less the margin
     fits: bool
+    host_bytes: int = 0  # host memory per rank: the [ema] average with cpu_offload
 
     @property
     def over_bytes(self) -> float:
@@ -192,6 +193,7 @@ def plan_on(
         global_batch / settings.ngpu,
         gpu,
         settings.time,
+        profile.ema_update_bytes,
     )
     usable = gpu.hbm_bytes * (1 - settings.margin)
     memory = Memory(
@@ -200,6 +202,7 @@ def plan_on(
         hbm_bytes=gpu.hbm_bytes,
         usable_bytes=usable,
         fits=profile.peak_bytes <= usable,
+        host_bytes=profile.host_bytes,
     )
     return Plan(
         flavor=job.model.flavor,

@@ -73,10 +73,13 @@ def step_time(
     images_per_step_per_gpu: float,
     gpu: GPUProfile,
     settings: TimeSettings,
+    ema_update_bytes: float = 0,
 ) -> StepTime:
-    """flops: all this rank computes in a step; model_flops: the trainer's count of it."""
+    """flops: all this rank computes in a step; model_flops: the trainer's count of it;
+    ema_update_bytes: what the [ema] average's update reads and writes, per step."""
     compute = flops / (gpu.peak_bf16_flops * settings.efficiency)
-    optimizer = parameter_elements * OPTIMIZER_BYTES_PER_ELEMENT / gpu.hbm_bytes_per_s
+    optimizer_bytes = parameter_elements * OPTIMIZER_BYTES_PER_ELEMENT + ema_update_bytes
+    optimizer = optimizer_bytes / gpu.hbm_bytes_per_s
     links = []
     for t in traffic:
         link, rate = link_of(t, gpu)

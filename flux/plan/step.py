@@ -21,31 +21,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.tensor import DTensor
 from torchtitan.components.optimizer import build_optimizers
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.protocols.model_converter import build_model_converters
 
-from flux.context_parallel import shard_sequence
+from flux.ema import ema_bytes_per_parameter
 from flux.flow import FlowBatch, flow_matching_loss
 from flux.model.args import FluxModelArgs, flux_configs
 from flux.model.autoencoder import posterior_latents
-from flux.model.model import FluxModel
-from flux.parallelize import DTYPES, parallelize_flux
+from flux.parallel.context_parallel import shard_sequence
+from flux.parallel.parallelize import parallelize_flux
 from flux.plan.encoders import FrozenEncoders, build_frozen_encoders
 from flux.plan.flops import FlopCounter, counted_as
 from flux.plan.memory import MemoryTracker
 from flux.plan.traffic import CommCounter, Traffic
 from flux.sampling import image_ids, pack_latents, text_ids
+from flux.seam import local_storage
+from flux.train_spec import FluxTrainArgs, FluxTrainModel, ema_settings, encoder_settings
 
-PARAMETERS, GRADIENTS, OPTIMIZER, ENCODERS = (
+PARAMETERS, GRADIENTS, OPTIMIZER, ENCODERS, EMA = (
     "parameters",
     "gradients",
     "optimizer state",
     "frozen encoders",
+    "weight average (EMA)",
 )
+# A due EMA update (torch._foreach_lerp_ on the device) reads the average and the weights
+# and writes the average: float32, 3 x 4 bytes per element of the rank's shards.
+EMA_UPDATE_BYTES_PER_ELEMENT = 12
 MESH_DIMS = ("dp_replicate", "fsdp", "cp", "tp", "batch", "loss")
 
 
@@ -104,6 +109,8 @@ class Run:
     guidance: float
     fake: FakeTensorMode | None  # the tensors' mode, for a plan
     shards: list[tuple[Tensor, Tensor]]  # (parameter, what the optimizer updates)
+    ema_bytes: dict[str, int]  # the [ema] average per parameter element: device and host
+    ema_update_every: int  # steps between its updates
 
     def local_parameters(self) -> list[Tensor]:
         return [shard for _, shard in self.shards]
@@ -121,9 +128,7 @@ class Run:
         ]
 
 
-def _local(t: Any) -> Any:
-    """A DTensor's shard on this rank (its storage; to_local would add an autograd view)."""
-    return t._local_tensor if isinstance(t, DTensor) else t  # noqa: SLF001
+_local = local_storage  # a DTensor's shard on this rank, its storage
 
 
 def build_run(
@@ -136,10 +141,10 @@ def build_run(
     """A rank of the trainer, built in the order of torchtitan's Trainer.__init__. With a
     FakeTensorMode the parameters, optimizer state and encoders are fake (and the weights
     are not initialized); the model is parallelized on meta before, as the trainer does."""
-    args = copy.deepcopy(flux_configs[job.model.flavor])
+    args = FluxTrainArgs.of(copy.deepcopy(flux_configs[job.model.flavor]))
     args.update_from_config(job)
     with torch.device("meta"):
-        model: nn.Module = FluxModel(args)
+        model: nn.Module = FluxTrainModel(args)
     converters = build_model_converters(job, parallel_dims)
     converters.convert(model)
     model = parallelize_flux(model, parallel_dims, job)  # type: ignore[arg-type]
@@ -152,17 +157,18 @@ def build_run(
         optimizer = build_optimizers([model], job.optimizer, parallel_dims)
         shards = optimize_shards(optimizer)
         optimizer.register_step_post_hook(lambda *a, **k: converters.post_optimizer_hook([model]))
-        enc = job.encoder
+        enc = encoder_settings(job)
         encoders = build_frozen_encoders(
             enc.t5_encoder,
             enc.clip_encoder,
             enc.max_t5_encoding_len,
             args.autoencoder_params,
-            DTYPES[enc.encoder_dtype],
+            enc.dtype,
             online=encoders_online,
             validation_images=job.validation.enable,
             device=device,
         )
+    ema = ema_settings(job)
     amp = dist_utils.maybe_enable_amp(
         parallel_dims, job.training.mixed_precision_param, device.type
     )
@@ -179,6 +185,8 @@ def build_run(
         guidance=job.training.guidance,
         fake=fake,
         shards=shards,
+        ema_bytes=ema_bytes_per_parameter(ema),
+        ema_update_every=1 if ema is None else ema.update_every,
     )
 
 
@@ -277,6 +285,8 @@ class StepProfile:
     flops: dict[str, int]  # counted: "model" (AC recomputation included) and ENCODERS
     traffic: list[Traffic] = field(default_factory=list)
     parameter_elements: int = 0  # of this rank's shards (the optimizer's work)
+    host_bytes: int = 0  # in host memory: the [ema] average with cpu_offload
+    ema_update_bytes: float = 0  # HBM traffic of the [ema] update, per step on average
 
 
 def group_dims(parallel_dims: ParallelDims) -> dict[str, list[str]]:
@@ -311,8 +321,25 @@ def profile_step(run: Run, also: Sequence[AbstractContextManager] = ()) -> StepP
             }
         )
         elements = sum(p.numel() for p in run.local_parameters())
+    # The trainer's [ema] average (flux.ema): float32 copies of the rank's shards, made
+    # before the first step and held through every step, so they add to every moment of
+    # it; a device update allocates nothing (an in-place lerp over float32 weights).
+    average = elements * run.ema_bytes["device"]
+    peak = memory.peak
+    if average:
+        at_peak[EMA] = average
+        peak, start = peak + average, start + average
     return StepProfile(
-        memory.peak, at_peak, start, dict(flops.by_part), list(comm.traffic.values()), elements
+        peak,
+        at_peak,
+        start,
+        dict(flops.by_part),
+        list(comm.traffic.values()),
+        elements,
+        host_bytes=elements * run.ema_bytes["host"],
+        ema_update_bytes=(
+            elements * EMA_UPDATE_BYTES_PER_ELEMENT / run.ema_update_every if average else 0
+        ),
     )
 
 

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed as dist
-import torchtitan.distributed.parallel_dims as torchtitan_parallel_dims
 from torchtitan.distributed import ParallelDims
+
+from flux.seam import meshes_on_cpu
 
 
 def parallel_dims_of(parallelism: Any, world_size: int) -> ParallelDims:
@@ -29,12 +30,8 @@ def parallel_dims_of(parallelism: Any, world_size: int) -> ParallelDims:
         etp=parallelism.expert_tensor_parallel_degree,
         world_size=world_size,
     )
-    saved = torchtitan_parallel_dims.device_type  # read by build_mesh
-    torchtitan_parallel_dims.device_type = "cpu"
-    try:
+    with meshes_on_cpu():
         dims.build_mesh()
-    finally:
-        torchtitan_parallel_dims.device_type = saved
     return dims
 
 

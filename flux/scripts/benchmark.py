@@ -9,6 +9,9 @@
     python -m flux.scripts.benchmark step [--steps 10 --warmup 3] [--cache DIR | --compare]
                                           [--json] [trainer arguments]
 
+    python -m flux.scripts.benchmark ema [--flavor flux-debug | --hidden 1024 --heads 8
+                                          --double 4 --single 8] [--updates 10 --json]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
@@ -22,12 +25,15 @@ torchtitan knows the peak of) and peak memory (CUDA's max allocated; on the CPU 
 process's peak RSS). --cache DIR trains on a precomputed cache; --compare precomputes one
 of the config's data to a temporary folder and runs both, each in a process of its own
 (so each peak RSS is its own).
+`ema`: what keeping an average of the weights (flux.ema) costs one process per update
+and per validation swap, with the average beside the weights and in host memory
+(cpu_offload: the weights are copied to a host buffer first; on a machine without a GPU
+that is a copy within host memory), beside the time one copy of the weights takes.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import io
 import json
@@ -41,7 +47,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -75,17 +81,21 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     ours = FluxModel(model_args).to(device)
     ours.init_weights()
-    theirs = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=model_args.in_channels,
-        num_layers=args.double,
-        num_single_layers=args.single,
-        attention_head_dim=head_dim,
-        num_attention_heads=args.heads,
-        joint_attention_dim=model_args.context_in_dim,
-        pooled_projection_dim=model_args.vec_in_dim,
-        guidance_embeds=False,
-        axes_dims_rope=tuple(model_args.axes_dim),
+    # diffusers' models are torch modules, which its type hints do not tell mypy
+    theirs = cast(
+        torch.nn.Module,
+        FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=model_args.in_channels,
+            num_layers=args.double,
+            num_single_layers=args.single,
+            attention_head_dim=head_dim,
+            num_attention_heads=args.heads,
+            joint_attention_dim=model_args.context_in_dim,
+            pooled_projection_dim=model_args.vec_in_dim,
+            guidance_embeds=False,
+            axes_dims_rope=tuple(model_args.axes_dim),
+        ),
     ).to(device)
 
     side = int(args.img_tokens**0.5)  # a square image of img_tokens patches
@@ -230,13 +240,18 @@ def peak_rss_mib() -> float:
 
 def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, Any]:
     """Time the parts of training steps of a config, with or without a cache."""
+    from torchtitan.config import TORCH_DTYPE_MAP
     from torchtitan.tools.utils import get_peak_flops
 
-    from flux import build_flux_dataloader
     from flux.config import check_config, parse_config
-    from flux.flow import PRECOMPUTED, Encoded, FluxPreprocessor, flow_matching_loss
-    from flux.parallelize import DTYPES, apply_activation_checkpointing, apply_compile
+    from flux.flow import PRECOMPUTED, Encoded, flow_matching_loss
+    from flux.parallel.parallelize import (
+        apply_activation_checkpointing,
+        apply_compile,
+        compiles_model,
+    )
     from flux.sampling import Streams
+    from flux.train_spec import FluxTrainArgs, build_flux_dataloader, build_preprocessor
 
     job = parse_config(trainer_args)
     if args.cache is not None:
@@ -245,7 +260,7 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
     check_config(job, world_size=1)
     training = job.training
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = copy.deepcopy(flux_configs[job.model.flavor])
+    model_args = FluxTrainArgs.of(flux_configs[job.model.flavor])
     model_args.update_from_config(job)
     torch.manual_seed(0)
     model = FluxModel(model_args).to(device)
@@ -254,7 +269,7 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         apply_activation_checkpointing(
             model, job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option
         )
-    if job.compile.enable and "model" in job.compile.components:
+    if compiles_model(job.compile):
         apply_compile(model, job.compile.backend)
     o = job.optimizer
     optimizer = getattr(torch.optim, o.name)(
@@ -266,9 +281,9 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         fused=o.implementation == "fused",
         foreach=o.implementation == "foreach",
     )
-    amp_dtype = DTYPES[training.mixed_precision_param]
+    amp_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
     amp = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    preprocess = FluxPreprocessor(job, model_args, device)
+    preprocess = build_preprocessor(job, model_args, device)
     batches = iter(build_flux_dataloader(1, 0, None, job))
 
     laps = Laps(device)
@@ -279,7 +294,7 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         batch = next(batches)
         laps.lap("data")
         streams = Streams.of(training.seed_data, step, batch["keys"], device)
-        txt, y = preprocess.encode_text(batch, preprocess.dropout_prob, streams)
+        txt, y = preprocess.encode_text(batch, preprocess.settings.dropout_prob, streams)
         laps.lap("text")
         latents = preprocess.encode_latents(batch, streams)
         laps.lap("latents")
@@ -384,6 +399,71 @@ def step_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def bench_ema(args: argparse.Namespace) -> dict[str, Any]:
+    """Milliseconds per update of the average and per swap in and out, median of
+    args.updates, without and with cpu_offload, for a flavor or the given dimensions."""
+    from flux.ema import EmaSettings, WeightAverage
+
+    model_args = flux_configs[args.flavor]
+    if args.hidden:
+        head_dim = args.hidden // args.heads
+        rope_t = head_dim // 8
+        model_args = dataclasses.replace(
+            model_args,
+            hidden_size=args.hidden,
+            num_heads=args.heads,
+            depth=args.double,
+            depth_single_blocks=args.single,
+            axes_dim=(rope_t, (head_dim - rope_t) // 2, (head_dim - rope_t) // 2),
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.device("meta"):
+        model = FluxModel(model_args)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)  # any values: the update's cost does not depend on them
+    params = sum(p.numel() for p in model.parameters())
+
+    def timed(action: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        action()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    def measure(offload: bool) -> dict[str, float]:
+        average = WeightAverage(model, EmaSettings(decay=0.9999, cpu_offload=offload))
+        average.update(1)  # the first update copies; the timed ones average
+
+        def swap() -> None:
+            with average.swapped_in():
+                pass
+
+        updates = [timed(lambda: average.update(2)) for _ in range(args.updates)]
+        swaps = [timed(swap) for _ in range(max(1, args.updates // 2))]
+        return {
+            "update_ms": statistics.median(updates),
+            "swap_in_and_out_ms": statistics.median(swaps),
+        }
+
+    def copy() -> None:
+        torch._foreach_copy_(copies, weights)
+
+    # The time to copy the weights once: what memory bandwidth allows, for scale.
+    weights = [p.detach() for p in model.parameters()]
+    copies = [torch.empty_like(w) for w in weights]
+    copy_ms = statistics.median(timed(copy) for _ in range(args.updates))
+    copies.clear()
+    result: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
+    result |= {"parameters": params, "average_mib": params * 4 / 2**20, "copy_ms": copy_ms}
+    result["beside_weights"] = measure(offload=False)
+    result["cpu_offload"] = measure(offload=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -418,17 +498,24 @@ def main(argv: list[str] | None = None) -> None:
         "--compare", action="store_true", help="precompute a temporary cache; run both"
     )
     step.add_argument("--json", action="store_true", help="print JSON")
+    ema = sub.add_parser("ema", help="cost of the average of the weights (EMA) per update")
+    ema.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+    ema.add_argument("--hidden", type=int, default=0, help="other dimensions than the flavor's")
+    ema.add_argument("--heads", type=int, default=8)
+    ema.add_argument("--double", type=int, default=4)
+    ema.add_argument("--single", type=int, default=8)
+    ema.add_argument("--updates", type=int, default=10, help="timed updates")
+    ema.add_argument("--json", action="store_true", help="print one JSON object")
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "step":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "step":
-        from flux.config import PACKAGE_ROOT, config_file_arg
+        from flux.config import DEBUG_CONFIG, config_file_arg
 
         if config_file_arg(rest) is None:
-            default = PACKAGE_ROOT / "flux" / "train_configs" / "debug_model.toml"
-            rest = ["--job.config_file", str(default), *rest]
+            rest = ["--job.config_file", str(DEBUG_CONFIG), *rest]
         if args.compare and args.cache is not None:
             parser.error("--compare makes its own cache: leave out --cache")
         if args.compare:
@@ -440,6 +527,23 @@ def main(argv: list[str] | None = None) -> None:
             if args.json
             else step_table(results)
         )
+        return
+    if args.command == "ema":
+        result = bench_ema(args)
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(
+            f"{result['parameters'] / 1e6:.1f}M parameters ({result['average_mib']:.0f} MiB "
+            f"average) on {result['device']}, {result['threads']} threads; copying the "
+            f"weights once takes {result['copy_ms']:.2f} ms"
+        )
+        for key in ("beside_weights", "cpu_offload"):
+            r = result[key]
+            print(
+                f"{key:15} update {r['update_ms']:9.2f} ms   "
+                f"swap in and out {r['swap_in_and_out_ms']:9.2f} ms"
+            )
         return
     if args.command == "data":
         result = bench_data(args)

@@ -7,7 +7,8 @@
 
 to-flux writes one .safetensors with the published FLUX.1 names and layout (what the
 reference code and diffusers' FluxTransformer2DModel.from_single_file read), from a
-trainer checkpoint folder saved on any number of processes. from-flux writes a model-only
+trainer checkpoint folder saved on any number of processes; with --ema, of the average of
+the weights the run kept ([ema] enable) instead of its weights. from-flux writes a model-only
 DCP checkpoint folder; start training from it with
 `--checkpoint.enable --checkpoint.initial_load_path checkpoints/schnell-init`
 (to continue training FLUX.1-schnell, say).
@@ -22,7 +23,7 @@ import torch
 
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.weights import SAVE_DTYPES, WeightsError, read_weights, save_dcp, save_safetensors
+from flux.weights import DTYPES, WeightsError, read_weights, save_dcp, save_safetensors
 
 
 def meta_model(flavor: str) -> FluxModel:
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     to_flux = sub.add_parser("to-flux", help="trainer checkpoint -> FLUX.1 .safetensors")
     to_flux.add_argument("checkpoint", help="a checkpoint/step-N folder")
     to_flux.add_argument("out", help="the .safetensors file to write")
-    to_flux.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default="bfloat16")
+    to_flux.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    to_flux.add_argument(
+        "--ema", action="store_true", help="the average of the weights (EMA), not the weights"
+    )
     from_flux = sub.add_parser("from-flux", help="FLUX.1 .safetensors -> trainer checkpoint")
     from_flux.add_argument("weights", help="a FLUX.1-format .safetensors file")
     from_flux.add_argument("out", help="a new folder for the DCP checkpoint")
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model = meta_model(args.flavor)
         if args.direction == "to-flux":
-            state = read_weights(args.checkpoint, model)
+            state = read_weights(args.checkpoint, model, average=args.ema)
             save_safetensors(state, args.out, args.dtype)
         else:
             state = read_weights(args.weights, model)

@@ -8,8 +8,10 @@
         --schedule schnell --cfg_scale 1 --prompts_file prompts.txt
 
 --checkpoint is a trainer checkpoint folder (checkpoint/step-N, saved on any number of
-processes) or a FLUX.1-format .safetensors file. Image i of a run uses seed --seed + i, so
-a prompt's image does not depend on the batch size. Files: <out>/<index>_<seed>.png.
+processes) or a FLUX.1-format .safetensors file. From a checkpoint of a run that kept an
+average of the weights ([ema] enable), the average is sampled (--no-ema: the weights).
+Image i of a run uses seed --seed + i, so a prompt's image does not depend on the batch
+size. Files: <out>/<index>_<seed>.png.
 """
 
 from __future__ import annotations
@@ -20,22 +22,28 @@ import sys
 from pathlib import Path
 
 import torch
+from torchtitan.config import TORCH_DTYPE_MAP
 
 from flux.config import resolve_path
 from flux.generate import SampleSettings, generate, to_pil
 from flux.model.args import flux_configs
 from flux.model.autoencoder import load_ae
 from flux.model.model import FluxModel
-from flux.model.text_encoders import TextEncoder
-from flux.weights import load_weights
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
+from flux.sampling import check_image_size
+from flux.weights import DTYPES, holds_average, load_weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint/step-N folder or .safetensors")
     p.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample the checkpoint's average of the weights (default: when it holds one)",
+    )
     p.add_argument("--prompts", nargs="*", default=[], help="prompts (or --prompts_file)")
     p.add_argument("--prompts_file", help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs/images", help="folder the PNGs are written to")
@@ -55,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip", default="clip-debug", help="CLIP hub id, local folder or clip-debug")
     p.add_argument("--max_t5_len", type=int, default=None, help="default: the flavor's")
     p.add_argument("--autoencoder", default="flux/assets/autoencoder-debug/ae.safetensors")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -74,16 +82,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(args)
-    if args.size % 16 or args.size < 16:
-        raise ValueError(f"--size {args.size}: use a positive multiple of 16")
+    check_image_size(args.size, "--size")
     model_args = flux_configs[args.flavor]
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), TORCH_DTYPE_MAP[args.dtype]
     model = FluxModel(model_args)
-    load_weights(args.checkpoint, model)
+    if args.ema is None:
+        args.ema = holds_average(args.checkpoint)
+    load_weights(args.checkpoint, model, average=args.ema)
+    print(f"sampling {'the average of the weights (EMA)' if args.ema else 'the weights'}")
     model = model.to(device, dtype).eval()
     max_len = args.max_t5_len or model_args.txt_seq_len
     t5 = TextEncoder("t5", args.t5, max_len, dtype).to(device)
-    clip = TextEncoder("clip", args.clip, 77, dtype).to(device)
+    clip = TextEncoder("clip", args.clip, CLIP_MAX_LENGTH, dtype).to(device)
     ae_path = resolve_path(args.autoencoder)
     ae = load_ae(ae_path, model_args.autoencoder_params, device).to(dtype)
     out = Path(args.out)
@@ -118,6 +128,7 @@ def png_info(prompt: str, seed: int, args: argparse.Namespace):
     settings = {
         "flavor": args.flavor,
         "checkpoint": str(args.checkpoint),
+        "weights": "ema" if args.ema else "raw",
         "size": args.size,
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,

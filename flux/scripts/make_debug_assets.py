@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from flux.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from flux.model.text_encoders import CLIP_MAX_LENGTH
 
 GENERAL_TEXT = (
     "a photo of a cat sitting on a chair in the garden, an oil painting of mountains at "
@@ -114,7 +115,7 @@ def make_clip(out: Path, hidden: int) -> None:
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=CLIP_MAX_LENGTH,
         projection_dim=hidden,
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
@@ -169,6 +170,7 @@ def make_autoencoder(out: Path, steps: int, img_size: int = 64) -> None:
     ae.eval()
     with torch.no_grad():
         conv = ae.encoder.conv_out
+        assert conv.bias is not None
         conv.weight[params.z_channels :] = 0.0
         conv.bias[params.z_channels :] = 2 * math.log(POSTERIOR_STD)
         mean = torch.cat([ae.encoder(pool[i : i + 256])[:, : params.z_channels] for i in (0, 256)])

@@ -114,6 +114,8 @@ def describe_memory(plan: Any) -> list[str]:
         f"  {'peak':<24}{gib(m.peak_bytes):>12}  of {gib(m.usable_bytes)} usable "
         f"({m.hbm_bytes / 1e9:.0f} GB less {plan.settings['margin']:.0%}): {verdict}"
     )
+    if m.host_bytes:
+        lines.append(f"  and in host memory: {gib(m.host_bytes)} (the EMA, cpu_offload)")
     if plan.advice:
         lines.append("  what lowers the peak (each re-planned), the most first:")
         for a in plan.advice:

@@ -41,14 +41,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchtitan.config import JobConfig
 
 from flux.config import (
-    PACKAGE_ROOT,
+    DEBUG_CONFIG,
     ConfigError,
     cache_settings,
     check_config,
     config_file_arg,
     parse_config,
 )
-from flux.data.dataset import CaptionedImages, Sample
+from flux.data.dataset import CaptionedImages, Sample, split_seed
 from flux.data.imagefolder import BadSample
 from flux.data.precomputed import (
     FORMAT,
@@ -64,9 +64,8 @@ from flux.data.precomputed import (
 )
 from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders
 from flux.model.args import flux_configs
-from flux.validate import HELD_OUT_SEED
+from flux.train_spec import encoder_settings
 
-DEFAULT_CONFIG = str(PACKAGE_ROOT / "flux" / "train_configs" / "debug_model.toml")
 STREAMED = ("webdataset", "cc12m-wds")
 
 
@@ -75,9 +74,10 @@ class Encoders:
 
     def __init__(self, job: JobConfig, device: torch.device):
         self.device = device
-        self.t5, self.clip = build_text_encoders(job.encoder, device)
+        settings = encoder_settings(job)
+        self.t5, self.clip = build_text_encoders(settings, device)
         self.autoencoder = build_autoencoder(
-            job.encoder, flux_configs[job.model.flavor].autoencoder_params, device
+            settings, flux_configs[job.model.flavor].autoencoder_params, device
         )
         self.autoencoder.decoder.to("meta")  # only the encoder runs: free the rest
         self.dtype = next(self.autoencoder.encoder.parameters()).dtype
@@ -175,9 +175,7 @@ def make_plan(job: JobConfig, args: argparse.Namespace) -> tuple[dict[str, Any],
             f"{args.split}.dataset is 'precomputed': give the source to precompute "
             f"(--{args.split}.dataset shapes|imagefolder|webdataset|cc12m-wds)"
         )
-    seed = job.training.seed_data
-    if args.split == "validation" and dataset == "shapes":
-        seed += HELD_OUT_SEED  # the validator's held-out shapes
+    seed = split_seed(args.split, dataset, job.training.seed_data)
     streamed = dataset in STREAMED
     reader = CaptionedImages(
         dataset,
@@ -377,7 +375,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if not 0 <= args.rank < args.world_size:
         p.error(f"--rank {args.rank} is outside --world_size {args.world_size}")
     if config_file_arg(rest) is None:
-        rest = ["--job.config_file", DEFAULT_CONFIG, *rest]
+        rest = ["--job.config_file", str(DEBUG_CONFIG), *rest]
     return args, rest
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flux.model.args import flux_configs
-from flux.model.text_encoders import TextEncoder
+from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
 
 DEBUG = flux_configs["flux-debug"]
 CAPTIONS = ["a small red circle at the top left on a white background", ""]
@@ -17,7 +17,7 @@ def t5() -> TextEncoder:
 
 @pytest.fixture(scope="module")
 def clip() -> TextEncoder:
-    return TextEncoder("clip", "clip-debug", max_length=77, dtype=torch.float32)
+    return TextEncoder("clip", "clip-debug", max_length=CLIP_MAX_LENGTH, dtype=torch.float32)
 
 
 def test_t5_gives_padded_token_embeddings_of_the_flavor_width(t5: TextEncoder) -> None:
@@ -53,4 +53,4 @@ def test_a_local_folder_loads_like_a_hub_id(t5: TextEncoder, tmp_path: Path) -> 
 
 def test_an_unreachable_hub_id_says_what_to_do() -> None:
     with pytest.raises(OSError, match="cannot load the clip encoder.*local folder"):
-        TextEncoder("clip", "nobody/no-such-clip", max_length=77, dtype=torch.float32)
+        TextEncoder("clip", "nobody/no-such-clip", max_length=CLIP_MAX_LENGTH, dtype=torch.float32)

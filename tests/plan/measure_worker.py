@@ -15,7 +15,7 @@ import sys
 
 import torch.distributed as dist
 
-from flux.device import use_cpu_if_no_accelerator
+from flux.seam import use_cpu_if_no_accelerator
 from tests.plan.helpers import RUNS, TWO_PROCESS_RUNS, measure, register_mid
 
 

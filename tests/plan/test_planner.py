@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from flux.config import parse_config
-from flux.device import use_cpu_if_no_accelerator
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.plan.planner import Plan, PlanSettings, plan
-from flux.plan.step import GRADIENTS, OPTIMIZER, PARAMETERS
+from flux.plan.step import EMA, GRADIENTS, OPTIMIZER, PARAMETERS
+from flux.seam import use_cpu_if_no_accelerator
 from tests.launch import ROOT
 from tests.plan.helpers import MID, RUNS, TWO_PROCESS_RUNS, measure, register_mid
 
@@ -51,7 +51,8 @@ def one_process() -> dict:
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Both runs stepped for real by two gloo processes with FSDP (rank 0's view)."""
+    """The runs stepped for real by two gloo processes (rank 0's view): FSDP over both, and
+    the debug flavor with tensor and with context parallelism (torchrun: e2e tests)."""
     out = tmp_path_factory.mktemp("measured") / "two.json"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
@@ -73,6 +74,7 @@ def test_planned_peak_is_within_15_percent_of_a_real_step_on_one_process(
     )
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(TWO_PROCESS_RUNS))
 def test_planned_peak_is_within_15_percent_of_a_real_two_process_step(
     two_processes: dict, name: str
@@ -101,7 +103,9 @@ def test_the_tracker_counts_what_the_cpu_allocator_allocates(one_process: dict) 
     )
 
 
-@pytest.mark.parametrize("processes", ["one_process", "two_processes"])
+@pytest.mark.parametrize(
+    "processes", ["one_process", pytest.param("two_processes", marks=pytest.mark.e2e)]
+)
 def test_planned_flops_equal_flop_counter_mode_on_the_real_step(
     request: pytest.FixtureRequest, processes: str
 ) -> None:
@@ -128,6 +132,7 @@ def test_counted_flops_are_the_trainers_count_plus_flash_attentions_recomputatio
     assert p.flops["counted_encoders"] == 0  # a precomputed cache
 
 
+@pytest.mark.e2e
 def test_planned_traffic_is_what_two_gloo_processes_move(two_processes: dict) -> None:
     assert {"all-reduce tp", "all-gather cp", "reduce-scatter cp"} <= {
         key for name in two_processes for key in two_processes[name]["traffic"]
@@ -154,3 +159,23 @@ def test_every_rank_holds_its_share_of_parameters_gradients_and_adamw_state() ->
     assert nparams * 4 / 64 <= held[PARAMETERS] <= nparams * 4 / 64 * 1.1  # FSDP pads shards
     assert held[OPTIMIZER] == 2 * held[PARAMETERS] + 4 * len(weights)  # and a step count each
     assert held[GRADIENTS] <= held[PARAMETERS]
+
+
+def test_the_ema_adds_a_float32_copy_of_each_ranks_shards() -> None:
+    """[ema] holds flux.ema's average (float32, of each rank's shards) on the GPU for the
+    whole step, or in host memory with cpu_offload; a device update is timed with the
+    optimizer's."""
+    debug = TWO_PROCESS_RUNS["debug"]
+    without = planned("debug", 2)
+    on_gpu, on_host = (
+        plan(parse_config([*debug, "--ema.enable", *offload]), PlanSettings(ngpu=2))[0]
+        for offload in ([], ["--ema.cpu_offload"])
+    )
+    with torch.device("meta"):
+        nparams = sum(w.numel() for w in FluxModel(flux_configs["flux-debug"]).parameters())
+    average = on_gpu.memory.at_peak[EMA]
+    assert nparams * 4 / 2 <= average <= without.memory.at_peak[PARAMETERS]  # FSDP pads those
+    assert on_gpu.memory.peak_bytes == without.memory.peak_bytes + average
+    assert on_host.memory.peak_bytes == without.memory.peak_bytes
+    assert EMA not in on_host.memory.at_peak and on_host.memory.host_bytes == average
+    assert on_gpu.time.optimizer_s > without.time.optimizer_s == on_host.time.optimizer_s

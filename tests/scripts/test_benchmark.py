@@ -1,11 +1,18 @@
-"""flux.scripts.benchmark step: the parts of a training step, with and without a cache."""
+"""flux.scripts.benchmark step: the parts of a training step, with and without a cache;
+benchmark ema: an update of the average of the weights."""
 
 from __future__ import annotations
 
 import json
 
+import torch
+
+from flux.model.args import flux_configs
+from flux.model.model import FluxModel
 from flux.scripts.benchmark import PARTS, main, step_table
 from tests.caches import make_cache
+
+ARGS = flux_configs["flux-debug"]
 
 
 def test_step_times_each_part_with_and_without_a_cache(tmp_path, capsys) -> None:
@@ -19,8 +26,17 @@ def test_step_times_each_part_with_and_without_a_cache(tmp_path, capsys) -> None
     for result in results:
         assert set(result["ms"]) == {*PARTS, "step"} and all(result["ms"].values())
         assert result["images_per_s"] > 0 and result["peak_memory_mib"] > 0
-        assert result["mfu_percent"] is None  # no GPU: no peak FLOPs to compare with
+        # MFU against a GPU's peak FLOPs; a CPU has none to compare with
+        assert (result["mfu_percent"] is None) == (not torch.cuda.is_available())
     assert (online["dataset"], cached["dataset"]) == ("shapes", "precomputed")
     assert cached["frozen_weights_mib"] == 0 < online["frozen_weights_mib"]
     table = step_table(results)
     assert "precomputed" in table and "latent encoding (ms)" in table
+
+
+def test_ema_times_an_update_with_and_without_cpu_offload(capsys) -> None:
+    main(["ema", "--updates", "2", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["parameters"] == sum(p.numel() for p in FluxModel(ARGS).parameters())
+    for key in ("beside_weights", "cpu_offload"):
+        assert result[key]["update_ms"] > 0 and result[key]["swap_in_and_out_ms"] > 0

@@ -1,4 +1,5 @@
-"""Inference and weight conversion on a checkpoint the trainer wrote with 2 processes."""
+"""Inference and weight conversion on a checkpoint the trainer wrote with 2 processes
+(keeping an average of the weights, [ema])."""
 
 from __future__ import annotations
 
@@ -36,12 +37,30 @@ def checkpoint(tmp_path_factory) -> Path:
         "1",
         "--parallelism.data_parallel_shard_degree",
         "2",
+        "--ema.enable",
         nproc=2,
     )
     assert run.returncode == 0, run.output[-3000:]
     return dump / "checkpoint" / "step-1"  # a full checkpoint (optimizer and all)
 
 
+@pytest.mark.e2e
+def test_the_average_exports_and_round_trips_bit_exact(checkpoint, tmp_path) -> None:
+    step_2 = checkpoint.parent / "step-2"  # the average of steps 1 and 2
+    average, raw = tmp_path / "ema.safetensors", tmp_path / "raw.safetensors"
+    convert.main(["to-flux", str(step_2), str(average), "--dtype", "float32", "--ema"])
+    convert.main(["to-flux", str(step_2), str(raw), "--dtype", "float32"])
+    convert.main(["from-flux", str(average), str(tmp_path / "imported")])
+    again = tmp_path / "again.safetensors"
+    convert.main(["to-flux", str(tmp_path / "imported"), str(again), "--dtype", "float32"])
+    a, r, b = (load_file(str(p)) for p in (average, raw, again))
+    assert list(a) == list(r) == list(b) and len(a) == len(FluxModel(ARGS).state_dict())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], r[k]) for k in a)  # the average, not the weights
+    FluxModel(ARGS).load_state_dict(a, strict=True)
+
+
+@pytest.mark.e2e
 def test_export_import_round_trip_is_bit_exact(checkpoint, tmp_path) -> None:
     first = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(first), "--dtype", "float32"])
@@ -54,6 +73,7 @@ def test_export_import_round_trip_is_bit_exact(checkpoint, tmp_path) -> None:
     assert not all(torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "final" in k)
 
 
+@pytest.mark.e2e
 def test_bfloat16_export_keeps_the_published_names(checkpoint, tmp_path) -> None:
     out = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(out)])
@@ -62,6 +82,7 @@ def test_bfloat16_export_keeps_the_published_names(checkpoint, tmp_path) -> None
     assert "double_blocks.0.img_attn.qkv.weight" in state and "final_layer.linear.weight" in state
 
 
+@pytest.mark.e2e
 def test_exported_file_gives_diffusers_the_same_output(checkpoint, tmp_path) -> None:
     out = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(out), "--dtype", "float32"])
@@ -76,6 +97,7 @@ def test_exported_file_gives_diffusers_the_same_output(checkpoint, tmp_path) -> 
     assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
+@pytest.mark.e2e
 def test_imported_file_starts_a_training_run(tmp_path) -> None:
     model = FluxModel(ARGS)
     randomize(model, seed=3)
@@ -104,6 +126,7 @@ def test_imported_file_starts_a_training_run(tmp_path) -> None:
     assert all(torch.equal(out[k], original[k].to(torch.bfloat16)) for k in original)
 
 
+@pytest.mark.e2e
 def test_inference_writes_pngs_with_metadata_independent_of_batch_size(checkpoint, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{RED}\n\na small blue square at the top left on a black background\n")
@@ -119,12 +142,14 @@ def test_inference_writes_pngs_with_metadata_independent_of_batch_size(checkpoin
     assert image.text["prompt"] == RED and image.text["seed"] == "7"  # type: ignore[attr-defined]
     settings = json.loads(image.text["settings"])  # type: ignore[attr-defined]
     assert settings["steps"] == 3 and settings["flavor"] == "flux-debug"
+    assert settings["weights"] == "ema"  # the checkpoint holds an average: sampled
     for name in written:  # the same up to float rounding of batched matmuls
         a = np.asarray(Image.open(tmp_path / "a" / name)).astype(int)
         b = np.asarray(Image.open(tmp_path / "b" / name)).astype(int)
         assert np.abs(a - b).max() <= 2
 
 
+@pytest.mark.e2e
 def test_inference_from_a_safetensors_file(checkpoint, tmp_path) -> None:
     weights = tmp_path / "model.safetensors"
     convert.main(["to-flux", str(checkpoint), str(weights), "--dtype", "float32"])
@@ -132,6 +157,18 @@ def test_inference_from_a_safetensors_file(checkpoint, tmp_path) -> None:
         ["--checkpoint", str(weights), "--steps", "2", "--prompts", RED, "--out", str(tmp_path)]
     )
     assert (tmp_path / "00000_0.png").is_file()
+
+
+@pytest.mark.e2e
+def test_inference_samples_the_average_or_the_weights_as_asked(checkpoint, tmp_path) -> None:
+    step_2 = str(checkpoint.parent / "step-2")
+    common = ["--checkpoint", step_2, "--steps", "3", "--prompts", RED]
+    infer.main([*common, "--out", str(tmp_path / "default")])
+    infer.main([*common, "--no-ema", "--out", str(tmp_path / "raw")])
+    pngs = {w: Image.open(tmp_path / w / "00000_0.png") for w in ("default", "raw")}
+    chosen = {w: json.loads(p.text["settings"])["weights"] for w, p in pngs.items()}  # type: ignore[attr-defined]
+    assert chosen == {"default": "ema", "raw": "raw"}
+    assert not np.array_equal(np.asarray(pngs["default"]), np.asarray(pngs["raw"]))
 
 
 @pytest.mark.parametrize(
@@ -149,6 +186,7 @@ def test_inference_errors_are_one_line(tmp_path, capsys, make, expected) -> None
     assert err.startswith("infer: error:") and expected in err and "\n" not in err
 
 
+@pytest.mark.e2e
 def test_weights_of_another_flavor_are_refused(checkpoint, tmp_path, capsys) -> None:
     copy = tmp_path / "ckpt"
     shutil.copytree(checkpoint, copy)

@@ -70,6 +70,7 @@ def test_an_interrupted_precompute_resumes_losing_and_repeating_nothing(
     assert {name: (root / name).stat().st_mtime_ns for name in kept} == kept
 
 
+@pytest.mark.e2e
 def test_two_processes_precompute_every_sample_once(tmp_path) -> None:
     root = tmp_path / "cache"
     command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(root)]
@@ -142,6 +143,7 @@ def trained(tmp_path_factory):
     return run_train(dump, *args), dump, args
 
 
+@pytest.mark.e2e
 def test_training_on_a_cache_runs_and_validates_without_the_encoders(trained) -> None:
     run, dump, _ = trained
     assert run.returncode == 0, run.output[-3000:]
@@ -152,6 +154,7 @@ def test_training_on_a_cache_runs_and_validates_without_the_encoders(trained) ->
     assert (dump / "validation" / "step_000004.png").is_file()
 
 
+@pytest.mark.e2e
 def test_training_on_a_cache_resumes_with_the_same_losses(trained, tmp_path) -> None:
     reference, dump, args = trained
     assert reference.returncode == 0, reference.output[-3000:]

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.launch import ANSI, ROOT, Run, Training
+
+pytestmark = pytest.mark.e2e
 
 SCRIPT = ROOT / "flux/scripts/slurm_train.sh"
 

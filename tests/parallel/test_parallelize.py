@@ -1,4 +1,5 @@
-"""The pieces of the training step that need no processes: random streams, AC."""
+"""parallelize_flux's pieces on one process: activation checkpointing and compile keep
+the loss and gradients."""
 
 from __future__ import annotations
 
@@ -6,39 +7,10 @@ import copy
 
 import torch
 
-from flux.data.dataloader import CaptionedImageLoader
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallelize import apply_activation_checkpointing, apply_compile
-from flux.sampling import Streams
+from flux.parallel.parallelize import apply_activation_checkpointing, apply_compile
 from tests.model.helpers import model_inputs
-
-
-def first_keys(rank: int, world_size: int) -> list[str]:
-    loader = CaptionedImageLoader("shapes", 32, 4, dp_rank=rank, dp_world_size=world_size)
-    return next(iter(loader))["keys"]
-
-
-def noise(streams: Streams) -> torch.Tensor:
-    return streams.randn((4, 2, 2), torch.device("cpu"))
-
-
-def test_data_parallel_ranks_draw_different_noise_and_timesteps() -> None:
-    rank0 = Streams.of(0, 1, first_keys(0, 2), torch.device("cpu"))
-    rank1 = Streams.of(0, 1, first_keys(1, 2), torch.device("cpu"))
-    assert not torch.equal(noise(rank0), noise(rank1))
-    t0 = [torch.rand(1, generator=g).item() for g in rank0.cpu]
-    t1 = [torch.rand(1, generator=g).item() for g in rank1.cpu]
-    assert set(t0).isdisjoint(t1)
-
-
-def test_streams_are_per_sample_and_per_step() -> None:
-    keys = ["0", "1", "2", "3"]
-    full = noise(Streams.of(0, 5, keys, torch.device("cpu")))
-    halves = [noise(Streams.of(0, 5, k, torch.device("cpu"))) for k in (keys[:2], keys[2:])]
-    assert torch.equal(full, torch.cat(halves))  # micro-batches draw what one batch would
-    assert not torch.equal(full, noise(Streams.of(0, 6, keys, torch.device("cpu"))))
-    assert not torch.equal(full, noise(Streams.of(1, 5, keys, torch.device("cpu"))))
 
 
 def loss_and_grads(model: torch.nn.Module, inputs: dict) -> tuple[float, list[torch.Tensor]]:

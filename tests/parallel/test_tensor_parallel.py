@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.launch import ROOT, run_train
+from tests.launch import ROOT, average_at, run_train
+
+pytestmark = pytest.mark.e2e
 
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
@@ -22,7 +25,7 @@ def worker(tmp_path: Path, nproc: int, *args: str) -> dict:
     out = tmp_path / "out.json"
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-        *("-m", "tests.tp_worker", str(out), str(tmp_path), *args),
+        *("-m", "tests.parallel.tp_worker", str(out), str(tmp_path), *args),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -61,12 +64,19 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["loaded"] == 0.0 and result["loaded_layout_kept"]
     assert result["loss_after_load"] <= (1e-6 if fp32 else 1e-2)
     assert result["init"] == 0.0  # a fresh model starts from one process's weights
+    # the average of each rank's shards is one process's average; it moves both ways
+    assert result["ema"] <= 1e-7
+    assert result["ema_swapped_loss"] <= (1e-6 if fp32 else 1e-2)
+    assert result["ema_swap_restored"]
+    assert result["ema_saved"] <= 1e-7 and result["ema_saved_updates"]
+    assert result["ema_loaded"] == 0.0 and result["ema_loaded_updates"]
 
 
 ARGS = (
     *("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4"),
     *("--validation.freq", "2", "--validation.steps", "1", "--validation.sampling_steps", "2"),
     *("--checkpoint.enable", "--checkpoint.interval", "2"),
+    *("--ema.enable", "--ema.decay", "0.5"),  # an average of the weights, validated too
 )
 TP2 = ("--parallelism.tensor_parallel_degree", "2")
 
@@ -80,6 +90,8 @@ def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(tmp_p
         assert sorted(run.losses) == [1, 2, 3, 4]
         assert run.losses == pytest.approx(single.losses, rel=1e-5)
         assert run.validation_losses == pytest.approx(single.validation_losses, rel=1e-4)
+        assert run.ema_validation_losses == pytest.approx(single.ema_validation_losses, rel=1e-4)
+        assert sorted(run.ema_validation_losses) == [1, 2, 4]
 
     # The TP run's step-2 checkpoint, resumed with FSDP over 2 processes (the same global
     # batch: each takes 2 of its 4 samples).
@@ -91,3 +103,8 @@ def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(tmp_p
     assert {s: fsdp.losses[s] for s in (3, 4)} == pytest.approx(
         {s: tp.losses[s] for s in (3, 4)}, rel=1e-5
     )
+    # the average, saved from TP's strided shards, resumed under FSDP
+    averages = [average_at(tmp_path / name, 4) for name in ("single", "tp", "fsdp")]
+    for average in averages[1:]:
+        for name, value in averages[0].items():
+            torch.testing.assert_close(average[name], value, rtol=1e-4, atol=1e-5, msg=name)

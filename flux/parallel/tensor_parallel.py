@@ -18,11 +18,16 @@ dispatch, so no hidden gathers): `_copy_in` is the identity whose backward all-r
 (a replicated input or parameter read by one rank's share of the work), `_reduce_out`
 the all-reduce whose backward is the identity.
 
-DCP cannot save a `_StridedShard` layout (its chunks are not boxes), so checkpoints get
-plain copies in the `Shard` layout of the same dimension (keep_checkpoint_layout), and
-loaded values go back to the strided layout: a checkpoint holds the global tensors, and
-moves between TP, FSDP and single-process layouts like any other. The model's own
-state_dict keeps the live (strided) parameters, which torchtitan's checkpointer caches.
+The modules keep their attributes (heads, widths) as the model's args say: blocks find a
+rank's share of heads from the head size, and split a single-stream block's fused
+projection in the proportions of its parts. Checkpoints cannot hold the strided layout
+(flux.checkpoint saves plain copies); `_load_strided` puts loaded weights back in it.
+
+Why not torch's `parallelize_module` with Colwise/RowwiseParallel: its column split gives
+rank r a contiguous block of a fused matrix's rows, which for qkv is part of q (or of q
+and k), not its heads of each of q, k and v; keeping FLUX.1's file layout needs the
+strided split above. And DTensor dispatch inserts its own redistributions where a plan
+misses one, where these modules' collectives are explicit and each is traced by compile.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from flux.model.layers import DoubleStreamBlock, RMSNorm, SingleStreamBlock
 from flux.model.model import FluxModel
+from flux.seam import StridedShard, float8_matmul
 
 
 def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -80,7 +85,7 @@ def _reduce_out(x: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 
 def _split(dim: int, pieces: int) -> Placement:
-    return Shard(dim) if pieces == 1 else _StridedShard(dim, split_factor=pieces)
+    return Shard(dim) if pieces == 1 else StridedShard(dim, split_factor=pieces)
 
 
 def _distribute(module: nn.Module, name: str, mesh: DeviceMesh, placement: Placement) -> None:
@@ -116,9 +121,7 @@ def _matmul(module: nn.Linear, x: Tensor, weight: Tensor) -> Tensor:
     config = getattr(module, "linear_mm_config", None)
     if config is None:
         return F.linear(x, weight)
-    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-
-    return matmul_with_hp_or_float8_args.apply(x, weight.t(), config, module.config)
+    return float8_matmul(x, weight, config, module.config)
 
 
 def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
@@ -150,61 +153,6 @@ def _head_norm(module: RMSNorm, split: _Split, x: Tensor) -> Tensor:
     """RMSNorm over this rank's heads: its scale's gradient is summed across the mesh."""
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=1e-6)
     return normed.to(x.dtype) * _copy_in(_local(module.scale), split.group)  # type: ignore[arg-type]
-
-
-# -- state dicts in DCP's layouts ----------------------------------------------------------
-def _strided_by_tp(t: Any) -> bool:
-    names = t.device_mesh.mesh_dim_names if isinstance(t, DTensor) else None
-    return (
-        names is not None
-        and "tp" in names
-        and isinstance(t.placements[names.index("tp")], _StridedShard)
-    )
-
-
-def _plain(t: DTensor) -> DTensor:
-    """The same tensor with tensor parallelism's _StridedShard as a Shard of its dimension."""
-    placements = [Shard(p.dim) if isinstance(p, _StridedShard) else p for p in t.placements]
-    return t.redistribute(t.device_mesh, placements)
-
-
-def plain_layout(state: dict[str, Any]) -> dict[str, Any]:
-    """A flat state dict with the strided tensors in plain layouts DCP can save."""
-    return {k: _plain(v.detach()) if _strided_by_tp(v) else v for k, v in state.items()}
-
-
-def restore_layout(state: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
-    """plain_layout undone: each tensor back in the layout of its entry in `like`."""
-    restored = dict(state)
-    for key, value in state.items():
-        target = like.get(key)
-        if isinstance(target, DTensor) and _strided_by_tp(target) and isinstance(value, DTensor):
-            restored[key] = value.redistribute(target.device_mesh, target.placements)
-    return restored
-
-
-def keep_checkpoint_layout(checkpointer: Any, optimizers: Any) -> None:
-    """Checkpoints in plain layouts: torchtitan's checkpointer saves and loads plain copies
-    of the strided tensors (its model state dict holds the live parameters); the
-    optimizer's state dict (moments in the parameters' layouts) is given plain and taken
-    back; the modules put loaded parameters back in their layouts (_load_strided)."""
-    save, load = checkpointer.dcp_save, checkpointer.dcp_load
-    state_dict, load_state_dict = optimizers.state_dict, optimizers.load_state_dict
-
-    def dcp_save(state: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        return save(plain_layout(state), *args, **kwargs)
-
-    def dcp_load(state: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        load(plain_layout(state), *args, **kwargs)
-
-    def plain_state_dict() -> dict[str, Any]:
-        return plain_layout(state_dict())
-
-    def load_plain_state_dict(state: dict[str, Any]) -> None:
-        load_state_dict(restore_layout(state, state_dict()))
-
-    checkpointer.dcp_save, checkpointer.dcp_load = dcp_save, dcp_load
-    optimizers.state_dict, optimizers.load_state_dict = plain_state_dict, load_plain_state_dict
 
 
 def _load_strided(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -262,7 +210,6 @@ def apply_tensor_parallel(model: FluxModel, mesh: DeviceMesh) -> None:
             parallelize(attn.proj, "row")
             parallelize(attn.norm.query_norm, "norm")
             parallelize(attn.norm.key_norm, "norm")
-            attn.num_heads //= tp
             parallelize(mlp_layers[0], "column")
             parallelize(mlp_layers[2], "row")
     for single in model.single_blocks:
@@ -271,9 +218,6 @@ def apply_tensor_parallel(model: FluxModel, mesh: DeviceMesh) -> None:
         parallelize(single.linear2, "row", 1 + mlp_pieces)
         parallelize(single.norm.query_norm, "norm")
         parallelize(single.norm.key_norm, "norm")
-        single.num_heads //= tp
-        single.hidden_size //= tp
-        single.mlp_hidden_dim //= tp
     for module in model.modules():
         if module in done or not list(module.parameters(recurse=False)):
             continue
@@ -289,5 +233,5 @@ def strided_on_dim0(param: nn.Parameter) -> bool:
     return (
         isinstance(param, DTensor)
         and param.ndim == 2
-        and any(isinstance(p, _StridedShard) and p.dim == 0 for p in param.placements)
+        and any(isinstance(p, StridedShard) and p.dim == 0 for p in param.placements)
     )

@@ -10,7 +10,8 @@ and the final layer go with the root.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import cast
 
@@ -20,15 +21,23 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from torchtitan.config import JobConfig
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
+from torchtitan.config.job_config import Compile
 from torchtitan.distributed import ParallelDims
 
-from flux.context_parallel import apply_context_parallel
 from flux.model.model import FluxModel
-from flux.tensor_parallel import apply_tensor_parallel, strided_on_dim0
+from flux.parallel.context_parallel import apply_context_parallel
+from flux.parallel.tensor_parallel import apply_tensor_parallel, strided_on_dim0
 
 BLOCK_LISTS = ("double_blocks", "single_blocks")  # the units of AC, compile and FSDP
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# The reshard_after_forward policy apply_fsdp gave each FSDP unit (FSDP2 has no getter).
+RESHARD_AFTER_FORWARD: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def compiles_model(compile_config: Compile) -> bool:
+    """Whether [compile] asks for the model to be compiled."""
+    return compile_config.enable and "model" in compile_config.components
 
 
 def _blocks(model: nn.Module) -> Iterator[tuple[nn.ModuleList, int, nn.Module]]:
@@ -86,8 +95,10 @@ def apply_fsdp(
     config["shard_placement_fn"] = lambda p: Shard(1) if strided_on_dim0(p) else None
     for _, _, block in _blocks(model):
         fully_shard(block, reshard_after_forward=reshard_after_forward, **config)
+        RESHARD_AFTER_FORWARD[block] = reshard_after_forward
     # The root's parameters are needed again first in backward: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **config)
+    RESHARD_AFTER_FORWARD[model] = False
 
 
 def parallelize_flux(
@@ -104,7 +115,7 @@ def parallelize_flux(
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
         apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
-    if job_config.compile.enable and "model" in job_config.compile.components:
+    if compiles_model(job_config.compile):
         apply_compile(model, job_config.compile.backend)
 
     if parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled:
@@ -119,50 +130,42 @@ def parallelize_flux(
         apply_fsdp(
             model,
             parallel_dims.get_mesh(names),
-            param_dtype=DTYPES[job_config.training.mixed_precision_param],
-            reduce_dtype=DTYPES[job_config.training.mixed_precision_reduce],
+            param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward=policy != "never",
         )
-    init_on_cpu_as_one_process(model)
     return model
 
 
-def init_on_cpu_as_one_process(model: FluxModel) -> None:
-    """Make init_weights of a distributed model on the CPU give every layout the weights
-    one process would start from.
+@torch.no_grad()
+def init_as_one_process(model: FluxModel, init: Callable[[], None]) -> None:
+    """Initialize a model's weights (init: its plain init_weights) so that, distributed
+    on the CPU, every layout starts from the weights one process would.
 
     On the CPU, DTensor draws every rank's shard from the same generator state, so the
     shards of a freshly initialized matrix would repeat each other. Instead a plain copy
     (built on meta, as torchtitan builds the model, so the generator is at the same state)
     is initialized and each rank keeps its part. On GPUs DTensor's own random-number
-    tracker gives each shard its numbers, and init_weights runs as it is (also when FSDP
+    tracker gives each shard its numbers, and init runs as it is (also when FSDP
     offloads parameters to the CPU: the mesh, not the parameters, says where it runs)."""
-    original = model.init_weights
-
-    @torch.no_grad()
-    def init_weights(buffer_device: torch.device | None = None) -> None:
-        params = dict(flux_named_parameters(model))
-        if not any(
-            isinstance(p, DTensor) and p.device_mesh.device_type == "cpu" for p in params.values()
-        ):
-            original(buffer_device)
-            return
-        with torch.device("meta"):
-            plain = FluxModel(model.args)
-        plain.to_empty(device="cpu")
-        plain.init_weights()
-        for name, full in plain.named_parameters():
-            param = params[name]
-            if isinstance(param, DTensor):
-                part = distribute_tensor(
-                    full, param.device_mesh, param.placements, src_data_rank=None
-                )
-                param.to_local().copy_(part.to_local())
-            else:
-                param.copy_(full)
-
-    model.init_weights = init_weights  # type: ignore[method-assign]
+    params = dict(flux_named_parameters(model))
+    if not any(
+        isinstance(p, DTensor) and p.device_mesh.device_type == "cpu" for p in params.values()
+    ):
+        init()
+        return
+    with torch.device("meta"):
+        plain = FluxModel(model.args)
+    plain.to_empty(device="cpu")
+    plain.init_weights()
+    for name, full in plain.named_parameters():
+        param = params[name]
+        if isinstance(param, DTensor):
+            part = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(part.to_local())
+        else:
+            param.copy_(full)
 
 
 def flux_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -180,7 +183,7 @@ def forward_only(model: nn.Module) -> Iterator[None]:
     the training policy after. A checkpoint saved right after evaluation then sees sharded
     parameters as usual."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    saved = [_reshard_after_forward(m) for m in units]
+    saved = [RESHARD_AFTER_FORWARD.get(m, True) for m in units]
     for unit in units:
         unit.set_reshard_after_forward(True, recurse=False)
     try:
@@ -190,9 +193,3 @@ def forward_only(model: nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(value, recurse=False)
         for unit in units:
             unit.reshard()
-
-
-def _reshard_after_forward(unit: FSDPModule) -> bool:
-    state = unit._get_fsdp_state()  # noqa: SLF001 (FSDP2 exposes no getter for the policy)
-    group = state._fsdp_param_group
-    return bool(group is None or group.post_forward_mesh_info is not None)

@@ -1,6 +1,7 @@
-"""One rank of a tensor-parallel check, run by tests/test_tensor_parallel.py under torchrun:
+"""One rank of a tensor-parallel check, run by tests/parallel/test_tensor_parallel.py under
+torchrun:
 
-    torchrun --nproc_per_node N -m tests.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
+    torchrun --nproc_per_node N -m tests.parallel.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
         [--compile]
 
 The debug model parallelized with TP and CP (and FSDP over the other N / TP ranks, the
@@ -8,8 +9,10 @@ context-parallel ones included, as torchtitan's fsdp mesh does), against the sam
 on one process in this one: loss and gradients on the same batch (each data-parallel
 rank takes its share of the samples, each context-parallel rank its share of every
 sample's tokens), then checkpoints both ways through torchtitan's
-ModelWrapper and DCP. With `compile`, every block is compiled (aot_eager: no C++ compiler
-needed) between TP and FSDP, as parallelize_flux does. Rank 0 writes the largest
+ModelWrapper and DCP; and the average of the weights (flux.ema) each rank keeps of its
+shards, its swap into the model and its checkpoints both ways. With `compile`, every
+block is compiled (aot_eager: no C++ compiler needed) between TP and FSDP, as
+parallelize_flux does. Rank 0 writes the largest
 differences to OUT.json.
 """
 
@@ -23,23 +26,27 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torchtitan.components.checkpoint import ModelWrapper
+from torchtitan.distributed import ParallelDims
+from torchtitan.protocols.model_converter import build_model_converters
 
-from flux.context_parallel import apply_context_parallel, shard_sequence
+from flux.checkpoint import plain_layout
+from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, parse_config
+from flux.ema import EMA, EmaSettings, WeightAverage
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallelize import (
-    apply_compile,
-    apply_fsdp,
-    flux_named_parameters,
-    init_on_cpu_as_one_process,
-)
+from flux.parallel.context_parallel import apply_context_parallel, shard_sequence
+from flux.parallel.parallelize import apply_compile, apply_fsdp, flux_named_parameters
+from flux.parallel.tensor_parallel import apply_tensor_parallel
 from flux.sampling import image_ids, text_ids
-from flux.tensor_parallel import apply_tensor_parallel, plain_layout
+from flux.train_spec import FluxTrainModel
 
 BATCH, IMG_TOKENS, TXT_TOKENS = 4, 16, 8
+SCHNELL = str(PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_model.toml")
+FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")
 
 
 def model_and_batch() -> tuple[FluxModel, dict[str, torch.Tensor]]:
@@ -62,6 +69,17 @@ def model_and_batch() -> tuple[FluxModel, dict[str, torch.Tensor]]:
     if args.guidance_embed:
         batch["guidance"] = torch.full((BATCH,), 3.5)
     return model, batch
+
+
+def converted(model: nn.Module, *args: str) -> nn.Module:
+    """The model after torchtitan's converters of the debug config with these arguments,
+    and the full-size configs' filter (which layers stay in high precision)."""
+    shipped = parse_config(["--job.config_file", SCHNELL]).quantize.linear.float8.filter_fqns
+    job = parse_config(["--job.config_file", str(DEBUG_CONFIG), *FLOAT8, *args])
+    job.quantize.linear.float8.filter_fqns = shipped
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    build_model_converters(job, dims).convert(model)
+    return model
 
 
 def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -96,6 +114,57 @@ def float8_error(model, float32, grads, batch) -> float:
     return relative_difference(grads, {n: p.grad for n, p in named(float32).items()})
 
 
+def ema_checks(
+    parallel: nn.Module,
+    reference: nn.Module,
+    local: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    folder: Path,
+) -> dict[str, float | bool]:
+    """The average each rank keeps of its shards against one process's, as the models
+    (equal at the start) take the same steps; its swap for validation; checkpoints of it
+    from the layout to one process and back."""
+    settings = EmaSettings(decay=0.9, update_every=1)
+    averages = [WeightAverage(m, settings) for m in (parallel, reference)]
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for model in (parallel, reference):
+                for p in model.parameters():
+                    p.mul_(0.9).add_(0.01 * step)  # elementwise: the same on every shard
+        for average in averages:
+            average.update(step)
+    parallel_average = averages[0].state_dict()  # global tensors, as DCP sees them
+    reference_average = averages[1].state_dict()
+    result: dict[str, float | bool] = {
+        "ema": max_difference(
+            {n: parallel_average[n] for n in named(parallel)},
+            {n: reference_average[n] for n in named(reference)},
+        )
+    }
+    before = {n: full(p).clone() for n, p in named(parallel).items()}
+    with averages[0].swapped_in(), averages[1].swapped_in():
+        swapped = loss_of(parallel, local).detach()
+        dist.all_reduce(swapped)
+        expected = loss_of(reference, batch).item()
+    result["ema_swapped_loss"] = abs(swapped.item() / dist.get_world_size() - expected) / expected
+    result["ema_swap_restored"] = max_difference(named(parallel), before) == 0.0
+
+    dcp.save({EMA: averages[0]}, checkpoint_id=str(folder / "ema-parallel"))
+    one = WeightAverage(FluxModel(flux_configs["flux-debug"]), settings)
+    dcp.load({EMA: one}, checkpoint_id=str(folder / "ema-parallel"))
+    result["ema_saved"] = max_difference(one.average, averages[1].average)
+    result["ema_saved_updates"] = one.updates == 3
+    averages[1].update(4)
+    dcp.save({EMA: averages[1]}, checkpoint_id=str(folder / "ema-single"))
+    dcp.load({EMA: averages[0]}, checkpoint_id=str(folder / "ema-single"))
+    loaded = averages[0].state_dict()
+    result["ema_loaded"] = max_difference(
+        {n: loaded[n] for n in named(parallel)}, averages[1].average
+    )
+    result["ema_loaded_updates"] = averages[0].updates == 4
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -126,8 +195,6 @@ def main() -> None:
     reference, batch = model_and_batch()
     float32 = copy.deepcopy(reference)
     if args.float8:
-        from tests.test_float8 import converted
-
         converted(reference)  # the parallel copy is of the float8 model
     parallel = copy.deepcopy(reference)
     parallelize(parallel)
@@ -195,9 +262,8 @@ def main() -> None:
     # starts from the weights one process would.
     torch.manual_seed(0)
     with torch.device("meta"):
-        fresh = FluxModel(flux_configs["flux-debug"])
+        fresh = FluxTrainModel(flux_configs["flux-debug"])
     parallelize(fresh)
-    init_on_cpu_as_one_process(fresh)
     fresh.to_empty(device="cpu")
     fresh.init_weights()
     torch.manual_seed(0)
@@ -207,6 +273,7 @@ def main() -> None:
     one.init_weights()
     result["init"] = max_difference(named(fresh), named(one))
 
+    result |= ema_checks(parallel, reference, local, batch, folder)
     if rank == 0:
         out.write_text(json.dumps(result))
     dist.destroy_process_group()
