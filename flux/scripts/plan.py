@@ -153,7 +153,10 @@ def describe_time(plan: Any, gpu: Any) -> list[str]:
         f"  {'optimizer step (HBM)':<44}{t.optimizer_s * 1e3:>10.1f} ms",
         f"  {'step':<44}{t.step_s * 1e3:>10.1f} ms",
         f"  {t.images_per_s_per_gpu:.2f} images/s per GPU, MFU {t.mfu:.1%}",
+        f"  assumed: {s['compile']}",
     ]
+    if s["float8"] != "off":
+        lines.append(f"  assumed: {s['float8']}")
     return lines
 
 

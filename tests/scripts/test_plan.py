@@ -45,6 +45,15 @@ def test_a_plan_as_json_for_each_gpu(capsys: pytest.CaptureFixture) -> None:
     assert h100["mlperf"]["minutes"] > 0 and len(h100["mlperf"]["published"]) == 2
 
 
+def test_the_text_states_what_the_plan_assumes(capsys: pytest.CaptureFixture) -> None:
+    float8 = ("--model.converters", "quantize.linear.float8")
+    code, out, _ = run(capsys, *DEBUG, "--ngpu", "2", *float8)
+    assert code == 0
+    assert "images/s per GPU" in out and "compute at 40% of" in out and "links at 80%" in out
+    assert "assumed: blocks planned eagerly" in out
+    assert "assumed: float8 casts and all-gathers as torchao runs them" in out
+
+
 def test_a_run_that_does_not_fit_says_by_how_much_and_what_helps_most(
     capsys: pytest.CaptureFixture,
 ) -> None:
