@@ -267,16 +267,19 @@ def knobs(job: JobConfig, settings: PlanSettings) -> list[tuple[str, JobConfig, 
         out.append(("--activation_checkpoint.mode full", with_ac(job, "full"), settings))
     local = job.training.local_batch_size
     if local > 1:
+        # at most half the batch, a divisor of it: the same global batch in more micro-batches
+        smaller = max(d for d in range(1, local // 2 + 1) if local % d == 0)
         half = copy.deepcopy(job)
-        half.training.local_batch_size = local // 2
+        half.training.local_batch_size = smaller
+        hint = f"--training.local_batch_size {smaller}"
         if half.training.global_batch_size < 0:  # keep the global batch: accumulate
             p = job.parallelism
             degree = settings.ngpu // (
                 p.tensor_parallel_degree * p.context_parallel_degree * p.pipeline_parallel_degree
             )
             half.training.global_batch_size = local * degree
-        hint = f"--training.local_batch_size {local // 2} (the same global batch, accumulated)"
-        out.append((hint, half, settings))
+            hint += f" --training.global_batch_size {local * degree}"
+        out.append((f"{hint} (the same global batch, accumulated)", half, settings))
     if encoders_online(job, settings):
         precomputed = PlanSettings(
             settings.ngpu, settings.gpus, settings.margin, "precomputed", settings.time

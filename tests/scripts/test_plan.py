@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from flux.config import parse_config
+from flux.plan.planner import PlanSettings, check_plan, knobs
 from flux.scripts.plan import main
 
 DEBUG = ("--job.config_file", "flux/train_configs/debug_model.toml")
@@ -89,6 +91,17 @@ def test_sweep_finds_the_largest_batch_that_fits(capsys: pytest.CaptureFixture) 
         "--training.local_batch_size", str(batch + 1),
     )  # fmt: skip
     assert not json.loads(out)[0]["memory"]["fits"]
+
+
+def test_advice_on_an_odd_batch_keeps_the_global_batch() -> None:
+    """Local batch 5 on 8 GPUs: a smaller batch that divides it (1), accumulated to the same
+    global batch of 40 (not 2: 40 is no multiple of 2 x 8, a plan the trainer refuses)."""
+    job = parse_config([*DEBUG, "--training.local_batch_size", "5"])
+    (hint, smaller), *_ = [(h, j) for h, j, _ in knobs(job, PlanSettings(ngpu=8)) if "batch" in h]
+    assert hint.startswith("--training.local_batch_size 1 --training.global_batch_size 40 ")
+    training = smaller.training
+    assert (training.local_batch_size, training.global_batch_size) == (1, 40)
+    check_plan(smaller, PlanSettings(ngpu=8))  # the trainer's checks take it
 
 
 @pytest.mark.parametrize(
