@@ -20,6 +20,11 @@ flux_use_env
 if [ -z "${NGPU:-}" ]; then
     NGPU=$(python -c "import torch; print(torch.cuda.device_count() or 1)")
 fi
+case "${NGPU}" in  # a count torchrun would take badly
+    *[!0-9]* | "" | 0 | 0*)
+        echo "flux: error: NGPU=${NGPU}: give the number of processes to start, 1 or more" >&2
+        exit 2 ;;
+esac
 CONFIG_FILE=${CONFIG_FILE:-"flux/train_configs/debug_model.toml"}
 LOG_RANK=${LOG_RANK:-0}
 

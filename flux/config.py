@@ -3,15 +3,18 @@
 parse_config reads the TOML itself first, so that an unreadable file, a key that does not
 exist or a value of the wrong type is one ConfigError naming the file, section and key,
 instead of a traceback from deep inside torchtitan. check_config then checks what the
-values mean (flavor, dataset, parallel degrees against the world size, files, a
-precomputed cache's settings against the job's) and sets the values derived from them.
-flux.train's main prints a ConfigError as one line.
+values mean, grouped by owner (the job's folder, the model, training and its optimizer,
+validation, checkpoints, data and encoders' files, parallel degrees against the world
+size and the batch), and sets the values derived from them. Every setting that can be
+checked before the processes start is checked here; flux.train's main and
+`python -m flux.config` (run_train.sh's pre-flight) print a ConfigError as one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -135,7 +138,17 @@ def parse_config(args: list[str]) -> JobConfig:
                 f"{CUSTOM_CONFIG_MODULE!r} (or leave it out)"
             )
         check_toml(values, merged_config_class(), path)
-    return ConfigManager().parse_args(args)
+    try:
+        return ConfigManager().parse_args(args)
+    except (AssertionError, ValueError) as e:  # torchtitan's own checks of a few fields
+        message = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{TORCHTITAN_CHECKS.get(message, message)}: fix it") from None
+
+
+# What torchtitan's own checks of its config fields say, said with the setting's name.
+TORCHTITAN_CHECKS = {
+    "validation steps must be positive or -1": "validation.steps: use 1 or more",
+}
 
 
 def resolve_path(path: str) -> str:
@@ -156,9 +169,12 @@ def check_config(
 ) -> None:
     """What the values mean, checked by owner; sets derived values (seq_len, resolved paths).
     parallelism=False leaves out the parallel degrees (precompute runs processes of its own)."""
+    check_job(job_config)
     check_model(job_config)
     check_training(job_config)
     check_ema(job_config)
+    check_validation(job_config)
+    check_checkpoint(job_config)
     check_data(job_config)
     training, encoder = job_config.training, job_config.encoder
     img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
@@ -167,7 +183,33 @@ def check_config(
         check_parallelism(job_config, _world_size() if world_size is None else world_size)
 
 
-# -- by owner: the model, training, data, parallelism ----------------------------------------
+# -- by owner: the job, the model, training, validation, checkpoints, data, parallelism -------
+def at_least(name: str, value: float, low: float, why: str = "") -> None:
+    """Refuse `name` = value below `low`."""
+    if not value >= low:  # NaN too
+        raise ConfigError(f"{name} = {value}: use {low} or more{f' ({why})' if why else ''}")
+
+
+def within(name: str, value: float, low: float, high: float, why: str = "") -> None:
+    """Refuse `name` = value outside [low, high]."""
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{name} = {value}: use a value from {low} to {high}{f' ({why})' if why else ''}"
+        )
+
+
+def check_job(job_config: JobConfig) -> None:
+    """The dump folder (where checkpoints, images and logs go) can be a folder."""
+    dump = Path(job_config.job.dump_folder)
+    existing = next((p for p in (dump, *dump.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(
+            f"job.dump_folder {dump}: {existing} is a file, not a folder: give a folder "
+            "(--job.dump_folder)"
+        )
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise ConfigError(f"job.dump_folder {dump}: {existing} is not writable: give another")
+    at_least("metrics.log_freq", job_config.metrics.log_freq, 1, "steps between log lines")
 
 
 def check_model(job_config: JobConfig) -> None:
@@ -183,12 +225,94 @@ def check_model(job_config: JobConfig) -> None:
 
 
 def check_training(job_config: JobConfig) -> None:
-    training = job_config.training
-    if training.max_nonfinite_steps < 1:
-        raise ConfigError(
-            f"training.max_nonfinite_steps = {training.max_nonfinite_steps}: use 1 or more "
-            "(the non-finite steps in a row that stop the run)"
-        )
+    """Steps, batch, the flow step's settings, the optimizer and the learning rate."""
+    training, optimizer, schedule = (
+        job_config.training,
+        job_config.optimizer,
+        job_config.lr_scheduler,
+    )
+    at_least("training.steps", training.steps, 1)
+    at_least("training.local_batch_size", training.local_batch_size, 1)
+    if training.global_batch_size != -1:
+        at_least("training.global_batch_size", training.global_batch_size, 1, "or -1")
+    if not training.max_norm > 0:
+        raise ConfigError(f"training.max_norm = {training.max_norm}: use a positive number")
+    at_least("training.gc_freq", training.gc_freq, 1, "steps between garbage collections")
+    at_least("training.dataloader.num_workers", training.dataloader.num_workers, 0)
+    within("training.classifier_free_guidance_prob", training.classifier_free_guidance_prob, 0, 1)
+    at_least(
+        "training.max_nonfinite_steps",
+        training.max_nonfinite_steps,
+        1,
+        "the non-finite steps in a row that stop the run",
+    )
+    within(
+        "training.max_skipped_fraction",
+        training.max_skipped_fraction,
+        0,
+        1,
+        "the share of skipped samples that stops the run",
+    )
+    at_least("encoder.max_t5_encoding_len", job_config.encoder.max_t5_encoding_len, 1)
+    at_least("optimizer.lr", optimizer.lr, 0)
+    at_least("optimizer.eps", optimizer.eps, 0)
+    at_least("optimizer.weight_decay", optimizer.weight_decay, 0)
+    for name in ("beta1", "beta2"):
+        value = getattr(optimizer, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"optimizer.{name} = {value}: use a value in [0, 1)")
+    at_least("lr_scheduler.warmup_steps", schedule.warmup_steps, 0)
+    if schedule.decay_ratio is not None:
+        within("lr_scheduler.decay_ratio", schedule.decay_ratio, 0, 1)
+    within("lr_scheduler.min_lr_factor", schedule.min_lr_factor, 0, 1)
+
+
+def check_validation(job_config: JobConfig) -> None:
+    validation = job_config.validation
+    if not validation.enable:
+        return
+    at_least("validation.freq", validation.freq, 1, "steps between validations")
+    at_least("validation.steps", validation.steps, 1, "held-out batches; -1 cannot mean 'all'")
+    at_least("validation.local_batch_size", validation.local_batch_size, 1)
+    at_least("validation.loss_timesteps", validation.loss_timesteps, 1)
+    at_least("validation.sampling_steps", validation.sampling_steps, 1)
+    at_least("validation.cfg_scale", validation.cfg_scale, 0)
+    if not validation.sample_prompts:
+        raise ConfigError("validation.sample_prompts is empty: give at least one prompt")
+
+
+def check_checkpoint(job_config: JobConfig) -> None:
+    """Interval and retention; the checkpoint a run is told to load exists."""
+    ckpt = job_config.checkpoint
+    if not ckpt.enable:
+        return
+    at_least("checkpoint.interval", ckpt.interval, 1, "steps between checkpoints")
+    at_least("checkpoint.keep_latest_k", ckpt.keep_latest_k, 0, "0 keeps them all")
+    folder = Path(job_config.job.dump_folder) / ckpt.folder
+    if ckpt.load_step != -1:
+        at_least("checkpoint.load_step", ckpt.load_step, 0, "or -1: the newest complete one")
+        step = folder / f"step-{ckpt.load_step}"
+        if not step.is_dir():
+            have = sorted(p.name for p in folder.glob("step-*")) if folder.is_dir() else []
+            raise ConfigError(
+                f"checkpoint.load_step = {ckpt.load_step} but {step} does not exist "
+                f"(there: {', '.join(have) or 'no checkpoints'}): give one of those, or -1"
+            )
+    if ckpt.initial_load_path and not folder.exists():  # torchtitan reads it only then
+        path = Path(ckpt.initial_load_path)
+        index = "model.safetensors.index.json" if ckpt.initial_load_in_hf else ".metadata"
+        if not path.is_dir():
+            raise ConfigError(
+                f"checkpoint.initial_load_path {path} is not a folder: give a checkpoint "
+                "folder (checkpoint/step-N, or one made by `python -m flux.scripts.convert "
+                "from-flux`)"
+            )
+        if not (path / index).is_file():
+            raise ConfigError(
+                f"checkpoint.initial_load_path {path} is not a checkpoint (no {index}): give "
+                "a checkpoint/step-N folder, or one made by `python -m flux.scripts.convert "
+                "from-flux`"
+            )
 
 
 def check_ema(job_config: JobConfig) -> None:
@@ -225,10 +349,61 @@ def check_data(job_config: JobConfig) -> None:
         raise ConfigError(
             f"encoder.autoencoder_path {encoder.autoencoder_path} not found: {DOWNLOAD_HINT}"
         )
+    for name in ("t5_encoder", "clip_encoder"):
+        check_text_encoder(f"encoder.{name}", getattr(encoder, name))
     for section in (training, validation):
         if section.dataset_path:
             section.dataset_path = resolve_path(section.dataset_path)
+    for key, section in sections:
+        check_dataset_path(key, section.dataset, section.dataset_path)
     check_precomputed(job_config)
+    check_reader(job_config)
+
+
+def check_reader(job_config: JobConfig) -> None:
+    """The data reader's settings: [training] shards_open, data_streams; [training.dataloader]
+    (data_streams against the data-parallel degree: check_parallelism)."""
+    training, loader = job_config.training, job_config.training.dataloader
+    if training.shards_open < 1:
+        raise ConfigError(f"training.shards_open = {training.shards_open}: use 1 or more")
+    if training.data_streams < 0:
+        raise ConfigError(f"training.data_streams = {training.data_streams}: use 0 or more")
+    if loader.num_workers < 0:
+        raise ConfigError(f"training.dataloader.num_workers = {loader.num_workers}: use 0 or more")
+    if loader.prefetch_factor is not None and loader.prefetch_factor < 1:
+        raise ConfigError(
+            f"training.dataloader.prefetch_factor = {loader.prefetch_factor}: use 1 or more"
+        )
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # name or owner/name
+
+
+def check_text_encoder(name: str, value: str) -> None:
+    """A text encoder is a bundled name, a local folder, or a hub id; a value that is a
+    path (not shaped like a hub id) must be a folder."""
+    from flux.model.text_encoders import BUNDLED
+
+    if value in BUNDLED or Path(value).is_dir():
+        return
+    if not HUB_ID.fullmatch(value) or value.startswith((".", "~")):
+        raise ConfigError(
+            f"{name} {value} is not a folder: give a folder saved with save_pretrained, a hub "
+            "id (google/t5-v1_1-xxl, openai/clip-vit-large-patch14), or t5-debug/clip-debug"
+        )
+
+
+def check_dataset_path(key: str, dataset: str, path: str | None) -> None:
+    """The local sources read a folder of files (precomputed: check_precomputed)."""
+    if dataset not in ("imagefolder", "webdataset"):
+        return
+    if not path:
+        raise ConfigError(f"{key}.dataset = {dataset!r} needs {key}.dataset_path: its folder")
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"{key}.dataset_path {path} is not a folder: give the folder of the "
+            f"{'images and .txt captions' if dataset == 'imagefolder' else '.tar shards'}"
+        )
 
 
 def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
@@ -284,7 +459,15 @@ def check_parallelism(job_config: JobConfig, world_size: int) -> None:
     p = job_config.parallelism
     check_parallel_degrees(p, world_size)
     check_model_parallelism(p, flux_configs[job_config.model.flavor])
+    check_global_batch(job_config, world_size)
     check_float8(job_config)
+    streams = job_config.training.data_streams
+    dp = world_size // (p.tensor_parallel_degree * p.context_parallel_degree)
+    if streams % dp:
+        raise ConfigError(
+            f"training.data_streams = {streams} is not a multiple of the data-parallel degree "
+            f"{dp}: use a multiple of it, or 0"
+        )
     training, encoder, cp = job_config.training, job_config.encoder, p.context_parallel_degree
     img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
     for what, tokens in (
@@ -299,6 +482,23 @@ def check_parallelism(job_config: JobConfig, world_size: int) -> None:
                 f"{what}, which do not split into parallelism.context_parallel_degree = {cp} "
                 "equal parts: make the token count a multiple of it"
             )
+
+
+def check_global_batch(job_config: JobConfig, world_size: int) -> None:
+    """A global batch is a whole number of local batches on each data-parallel rank."""
+    p, training = job_config.parallelism, job_config.training
+    global_batch = training.global_batch_size
+    if global_batch == -1:
+        return
+    others = p.tensor_parallel_degree * p.context_parallel_degree * p.pipeline_parallel_degree
+    dp = world_size // others
+    per_step = training.local_batch_size * dp
+    if global_batch % per_step:
+        raise ConfigError(
+            f"training.global_batch_size = {global_batch} is not a multiple of "
+            f"local_batch_size {training.local_batch_size} × {dp} data-parallel ranks = "
+            f"{per_step}: use a multiple (gradient accumulation makes up the rest), or -1"
+        )
 
 
 def check_parallel_degrees(p: Any, world_size: int) -> None:

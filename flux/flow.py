@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor
 from torchtitan.tools.logging import logger
 
 from flux.data.caption_dropout import drop_captions, dropout_masks
 from flux.data.precomputed import TextTable
+from flux.data.transforms import device_images
 from flux.model.args import AutoEncoderParams
 from flux.model.autoencoder import AutoEncoder, load_ae, posterior_latents
 from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
@@ -100,16 +102,30 @@ def build_text_encoders(
     settings: EncoderSettings, device: torch.device
 ) -> tuple[TextEncoder, TextEncoder]:
     """T5 and CLIP as the [encoder] section sets them (the trainer's and precompute's)."""
-    t5 = TextEncoder("t5", settings.t5_encoder, settings.max_t5_encoding_len, settings.dtype)
-    clip = TextEncoder("clip", settings.clip_encoder, CLIP_MAX_LENGTH, settings.dtype)
-    return t5.to(device), clip.to(device)
+    encoders = []
+    for kind, name, length in (
+        ("t5", settings.t5_encoder, settings.max_t5_encoding_len),
+        ("clip", settings.clip_encoder, CLIP_MAX_LENGTH),
+    ):
+        try:
+            encoders.append(TextEncoder(kind, name, length, settings.dtype).to(device))
+        except OSError as e:  # transformers' answer to a missing or unreachable model
+            raise EncoderError(f"encoder.{kind}_encoder: {' '.join(str(e).split())}") from None
+    return encoders[0], encoders[1]
 
 
 def build_autoencoder(
     settings: EncoderSettings, params: AutoEncoderParams, device: torch.device
 ) -> AutoEncoder:
     """The autoencoder as the [encoder] section sets it, in its dtype."""
-    return load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
+    try:
+        return load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise EncoderError(f"encoder.autoencoder_path: {' '.join(str(e).split())}") from None
+
+
+class EncoderError(ValueError):
+    """A frozen encoder that cannot be built from its setting; one line naming it."""
 
 
 class FluxPreprocessor:
@@ -190,7 +206,8 @@ class FluxPreprocessor:
             moments = batch["moments"].to(self.device)
         else:
             assert self.autoencoder is not None
-            moments = self.autoencoder.encoder(batch["images"].to(self.device, self.dtype))
+            images = device_images(batch["images"], self.device, self.dtype)  # uint8 -> [-1, 1]
+            moments = self.autoencoder.encoder(images)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
         noise = streams.randn((c, h, w), self.device)
         return posterior_latents(moments, self.ae_params, noise).float()

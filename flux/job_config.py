@@ -49,9 +49,25 @@ class Training:
     seed_data: int = 0
     """Seed of the data order, caption dropout and noise streams (each rank derives its own)"""
 
+    shards_open: int = 8
+    """Shards each data stream reads at once, taking each next record from one of them at
+    random (webdataset, cc12m-wds): consecutive samples come from different shards"""
+
+    data_streams: int = 0
+    """Streams the data is read as, each a fixed sequence of samples (0: data-parallel degree
+    × dataloader num_workers at the run's first start). Checkpoints keep it: a resume may use
+    any data-parallel degree that divides it, so set it to a multiple of the degrees a run
+    may move between (more streams: more shards open per rank)"""
+
     max_nonfinite_steps: int = 10
     """A step whose loss or gradients are not finite is not applied; after this many in a
     row the run stops (its last checkpoint intact)"""
+
+    max_skipped_fraction: float = 0.1
+    """Bad samples (undecodable images, missing captions, unreadable cache shards) are
+    skipped and counted; when more than this fraction of the samples read were skipped
+    (judged from the 1000th sample read on), the run stops instead of training on what is
+    left (1 never stops)"""
 
 
 @dataclass

@@ -11,15 +11,27 @@ the last checkpoint (each attempt's process group gets store keys of its own: fl
 
 Non-finite steps: a step whose loss or gradient norm is not finite on any rank is not
 applied; after `training.max_nonfinite_steps` of them in a row the run stops with
-NonFiniteLossError, and no checkpoint has been written since the last good step.
+NonFiniteLossError, and no checkpoint has been written since the last good step. The end
+of a run names the steps that were not applied, and a run whose last step was not applied
+fails (LastStepNotAppliedError).
+
+Data that goes missing: the samples the loader skipped (undecodable images, unreadable
+cache shards, ...) are counted by kind over the data-parallel ranks; the totals go to the
+log lines and the metrics, and when more than `training.max_skipped_fraction` of the
+samples read were skipped (judged once MIN_SAMPLES_JUDGED have been read), the run stops
+(TooManySkipsError) instead of training on what is left.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,8 +43,20 @@ REQUEUE_FILE_ENV = "FLUX_REQUEUE_FILE"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many non-finite steps in a row; the message says what to do, in one line."""
+class RunError(RuntimeError):
+    """The run cannot go on; the message says why and what to do, in one line."""
+
+
+class NonFiniteLossError(RunError):
+    """Too many non-finite steps in a row."""
+
+
+class LastStepNotAppliedError(RunError):
+    """The run ended on a step that was not applied."""
+
+
+class TooManySkipsError(RunError):
+    """More of the data was skipped than training.max_skipped_fraction allows."""
 
 
 class StopSignals:
@@ -77,12 +101,14 @@ class NonFiniteSteps:
         self.limit = limit
         self.in_a_row = 0
         self.last_good_step = 0
+        self.not_applied: list[int] = []  # every step of the run that was not applied
 
     def record(self, step: int, finite: bool, loss: float, grad_norm: float) -> None:
         if finite:
             self.in_a_row, self.last_good_step = 0, step
             return
         self.in_a_row += 1
+        self.not_applied.append(step)
         logger.warning(
             f"step {step}: loss {loss} / gradient norm {grad_norm} not finite on some rank: "
             f"step not applied ({self.in_a_row} in a row, at most {self.limit})"
@@ -98,6 +124,90 @@ class NonFiniteSteps:
     @property
     def in_streak(self) -> bool:
         return self.in_a_row > 0
+
+    def summary(self) -> str | None:
+        """The end-of-run line naming the steps not applied (None if every one was)."""
+        steps = self.not_applied
+        if not steps:
+            return None
+        shown = ", ".join(map(str, steps[:20])) + (", ..." if len(steps) > 20 else "")
+        plural = "s" * (len(steps) > 1)
+        return f"{len(steps)} step{plural} not applied (loss or gradients not finite): {shown}"
+
+    def check_last_step(self, step: int) -> None:
+        """Fail the run if its last step was not applied."""
+        if step in self.not_applied:
+            raise LastStepNotAppliedError(
+                f"the last step ({step}) was not applied (loss or gradients not finite) and "
+                f"no checkpoint was written for it; the last good step was "
+                f"{self.last_good_step}: lower the learning rate or check the data, then run "
+                "again to resume from the last checkpoint"
+            )
+
+
+# -- data that goes missing ----------------------------------------------------------------
+MIN_SAMPLES_JUDGED = 1000  # the skipped fraction is noise before this many samples are read
+
+
+def skip_counts(loader: Any) -> Counter[str]:
+    """What a data loader's dataset skipped so far, by kind (its `dataset.skipped`)."""
+    return Counter(getattr(getattr(loader, "dataset", None), "skipped", None) or {})
+
+
+@dataclass
+class Skips:
+    """Samples skipped (by kind) and used, over the data-parallel ranks."""
+
+    counts: Counter[str]
+    used: int
+
+    @classmethod
+    def gather(cls, counts: Counter[str], used: int, group: Any = None) -> Skips:
+        """The sums over the ranks of `group` (None: this rank's own); every rank of the
+        group calls it."""
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return cls(Counter(counts), used)
+        everyone: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, (dict(counts), used), group=group)
+        total: Counter[str] = Counter()
+        for rank_counts, _ in everyone:
+            total.update(rank_counts)
+        return cls(total, sum(rank_used for _, rank_used in everyone))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        read = self.total + self.used
+        return self.total / read if read else 0.0
+
+    def kinds(self) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
+
+    def line(self) -> str:
+        """'N samples used, M skipped (f%: K kind, ...)'."""
+        skipped = f", {self.total} skipped ({self.fraction:.1%}: {self.kinds()})" * bool(self.total)
+        return f"{self.used} samples used{skipped or ', none skipped'}"
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """Tensorboard scalars: the total, the fraction, and each kind."""
+        values = {f"{prefix}skipped": float(self.total), f"{prefix}skipped_fraction": self.fraction}
+        for kind, n in self.counts.items():
+            values[f"{prefix}skipped/{re.sub(r'[^0-9A-Za-z]+', '_', kind).strip('_')}"] = n
+        return values
+
+    def check(self, max_fraction: float) -> None:
+        """Stop the run when more than max_fraction of the samples read were skipped."""
+        read = self.total + self.used
+        if read >= MIN_SAMPLES_JUDGED and self.fraction > max_fraction:
+            raise TooManySkipsError(
+                f"{self.total} of the {read} samples read so far were skipped "
+                f"({self.fraction:.1%}; training.max_skipped_fraction = {max_fraction}): "
+                f"{self.kinds()}; fix or remove the bad data (the log names the latest "
+                "skipped), or raise training.max_skipped_fraction"
+            )
 
 
 def write_requeue_file(step: int, checkpoint_folder: str | None) -> None:

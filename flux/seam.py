@@ -328,6 +328,10 @@ QUIET_LOGS = {
     ],
     "any": [
         ("root", "ENV[TORCH_NCCL_ASYNC_ERROR_HANDLING]"),  # torchtitan sets its own value
+        # torchtitan says it at the end of any run, stopped or failed too; FluxTrainer.train
+        # says it only when the last step was applied
+        ("root", "Training completed"),
+        ("root", "Sleeping 2 seconds for other ranks to complete"),
     ],
 }
 QUIET_LOGGERS_ON_CPU = (
@@ -341,17 +345,28 @@ QUIET_WARNINGS = (
 )
 
 
+OWN = "flux_own"  # logger.info(..., extra={OWN: True}) passes the filters below
+
+
 class _DropMessages(logging.Filter):
     def __init__(self, starts: list[str]):
         super().__init__()
         self.starts = tuple(starts)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        own = getattr(record, OWN, False)  # flux's own line of the same text
+        return own or not str(record.msg).startswith(self.starts)
+
+
+_quieted: set[str] = set()  # the device types quiet was called for
 
 
 def quiet(device_type: str) -> None:
-    """Keep out of the log what the libraries print that a user cannot act on."""
+    """Keep out of the log what the libraries print that a user cannot act on (once per
+    process; the trainer's install and the tools call it)."""
+    if device_type in _quieted:
+        return
+    _quieted.add(device_type)
     drops: dict[str, list[str]] = {}
     for name, start in QUIET_LOGS["any"] + (QUIET_LOGS["cpu"] if device_type == "cpu" else []):
         drops.setdefault(name, []).append(start)

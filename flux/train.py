@@ -11,7 +11,9 @@ differ, and a resumed run, with gradient accumulation or on another world size, 
 each sample exactly what the unbroken run drew.
 
 A step whose loss or gradients are not finite is not applied; SIGTERM/SIGUSR1 stop the run
-after the current step with a checkpoint (flux.resilience). With [ema], each applied step
+after the current step with a checkpoint; too much skipped data stops it (flux.resilience).
+The end of a run says how much data was skipped and which steps were not applied, and
+"Training completed" only when its last step was applied. With [ema], each applied step
 may update an average of the weights (flux.ema), checkpointed and validated with them.
 """
 
@@ -34,14 +36,18 @@ from torchtitan.train import Trainer
 from flux import seam
 from flux.checkpoint import CheckpointError, FluxCheckpointManager
 from flux.config import ConfigError, check_config, parse_config
+from flux.data.precomputed import CacheError
+from flux.data.streams import DataError
 from flux.ema import EMA, build_average
-from flux.flow import FlowBatch, flow_matching_loss
+from flux.flow import EncoderError, FlowBatch, flow_matching_loss
 from flux.parallel.context_parallel import shard_sequence
 from flux.resilience import (
     REQUEUE_EXIT_CODE,
-    NonFiniteLossError,
     NonFiniteSteps,
+    RunError,
+    Skips,
     StopSignals,
+    skip_counts,
     step_verdict,
     write_requeue_file,
 )
@@ -58,7 +64,7 @@ class FluxTrainer(Trainer):
         self.stop_signals = StopSignals()
         self.stop_signals.install()  # before the (long) set-up: a signal then stops at step 1
         self.preempted = False
-        self.stop_error: NonFiniteLossError | None = None  # ends the loop without a traceback
+        self.stop_error: RunError | None = None  # ends the loop without a traceback
         self.nonfinite = NonFiniteSteps(job_config.training.max_nonfinite_steps)
         seam.install()
         super().__init__(job_config)
@@ -72,7 +78,9 @@ class FluxTrainer(Trainer):
             self.checkpointer.states[EMA] = self.ema  # saved, loaded and resharded by DCP
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         self.dp_rank = batch_mesh.get_local_rank() if batch_mesh is not None else 0
+        self.batch_group = batch_mesh.get_group() if batch_mesh is not None else None
         self.images_since_log = 0
+        self.samples_used = 0  # by this rank, since this start
         self.flux_validator: FluxValidator | None = None
         if job_config.validation.enable:
             assert isinstance(self.validator, FluxValidator)
@@ -89,6 +97,7 @@ class FluxTrainer(Trainer):
                 batch = next(iterator)
             except StopIteration as e:
                 raise DataloaderExhaustedError() from e
+            self.samples_used += len(batch["captions"])
             ntokens = len(batch["captions"]) * seq_len
             self.ntokens_seen += ntokens
             self.metrics_processor.ntokens_since_last_log += ntokens
@@ -125,7 +134,7 @@ class FluxTrainer(Trainer):
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         try:
             loss, grad_norm = self.optimize(data_iterator)
-        except NonFiniteLossError as e:
+        except RunError as e:
             self.stop_error = e
             return
         if self.ema is not None and not self.nonfinite.in_streak:  # the step was applied
@@ -134,7 +143,12 @@ class FluxTrainer(Trainer):
             why = self.stop_signals.received or "a signal to another rank"
             logger.warning(f"step {self.step}: stopping for {why}; saving a checkpoint")
         if self.metrics_processor.should_log(self.step):
-            self.log_step(loss, grad_norm, lr)
+            skips = self.skips()
+            self.log_step(loss, grad_norm, lr, skips)
+            try:
+                skips.check(self.job_config.training.max_skipped_fraction)
+            except RunError as e:
+                self.stop_error = e
         if self.flux_validator is not None and self.flux_validator.is_due(self.step):
             self.flux_validator.validate(self.model_parts, self.step)
             self.images_since_log = 0  # the metrics' clock restarts after validation
@@ -167,7 +181,28 @@ class FluxTrainer(Trainer):
         self.nonfinite.record(self.step, finite, loss.item(), grad_norm.item())
         return loss, grad_norm
 
-    def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float) -> None:
+    def skips(self) -> Skips:
+        """What the training data loader skipped and what it gave, over the data-parallel
+        ranks (every rank calls this)."""
+        return Skips.gather(skip_counts(self.dataloader), self.samples_used, self.batch_group)
+
+    def train(self) -> None:
+        """torchtitan's loop, then the end of the run: the data skipped, the steps not
+        applied, and "Training completed" only when the last step was applied."""
+        super().train()
+        logger.info(f"data: {self.skips().line()}")
+        summary = self.nonfinite.summary()
+        if summary is not None:
+            logger.warning(summary)
+        if self.stop_error is None and not self.preempted:
+            try:
+                self.nonfinite.check_last_step(self.step)
+            except RunError as e:
+                self.stop_error = e
+        if self.stop_error is None and not self.preempted:
+            logger.info("Training completed", extra={seam.OWN: True})
+
+    def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float, skips: Skips) -> None:
         if self.parallel_dims.dp_enabled or self.parallel_dims.cp_enabled:
             mesh = self.parallel_dims.get_mesh("loss")  # batch × cp: each holds a mean
             avg_loss = dist_utils.dist_mean(loss, mesh)
@@ -191,6 +226,7 @@ class FluxTrainer(Trainer):
             "time_metrics/data_loading(s)": sum(mp.data_loading_times) / steps,
             "memory/max_reserved(GiB)": memory.max_reserved_gib,
             "memory/max_reserved(%)": memory.max_reserved_pct,
+            **skips.metrics("data/"),
         }
         line = (
             f"step: {self.step:2}  loss: {avg_loss:8.5f}  grad_norm: {metrics['grad_norm']:7.4f}"
@@ -201,6 +237,8 @@ class FluxTrainer(Trainer):
             tflops = mp.num_flops_per_token * tps / 1e12
             metrics |= {"tflops": tflops, "mfu(%)": 100 * tflops * 1e12 / mp.gpu_peak_flops}
             line += f"  tflops: {tflops:,.1f}  mfu: {metrics['mfu(%)']:.1f}%"
+        if skips.total:
+            line += f"  skipped: {skips.total} ({skips.kinds()})"
         mp.logger.log(metrics, self.step)
         logger.info(line)
         self.images_since_log = mp.ntokens_since_last_log = 0
@@ -225,17 +263,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trainer = FluxTrainer(config)
         trainer.train()
+        trainer.checkpointer.wait_for_save()  # an asynchronous save, and its checksums
         if trainer.stop_error is not None:
             raise trainer.stop_error
         if trainer.preempted:
-            trainer.checkpointer.wait_for_save()
             folder = trainer.checkpointer.folder if trainer.checkpointer.enable else None
             write_requeue_file(trainer.step, folder)
             sys.exit(REQUEUE_EXIT_CODE)
-    except CheckpointError as e:
+    except (CheckpointError, CacheError, EncoderError, DataError) as e:  # a file a setting names
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except RunError as e:
         print(f"flux: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     finally:

@@ -85,6 +85,11 @@ def build_flux_dataloader(
         seed=training.seed_data,
         path=training.dataset_path,
         num_workers=training.dataloader.num_workers,
+        pin_memory=training.dataloader.pin_memory,
+        prefetch_factor=training.dataloader.prefetch_factor,
+        persistent_workers=training.dataloader.persistent_workers,
+        shards_open=training.shards_open,
+        data_streams=training.data_streams,
     )
 
 

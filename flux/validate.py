@@ -39,6 +39,7 @@ from flux.flow import FluxPreprocessor, flow_matching_loss
 from flux.generate import SampleSettings, generate, image_grid
 from flux.parallel.context_parallel import whole_sequence
 from flux.parallel.parallelize import forward_only
+from flux.resilience import Skips, skip_counts
 from flux.sampling import Streams
 
 
@@ -135,7 +136,7 @@ class FluxValidator(BaseValidator):
         model = model_parts[0]
         model.eval()
         with forward_only(model), whole_sequence(model):
-            losses = self.loss(model)
+            losses, skips = self.loss(model)
             images = self.sample(model)
         model.train()
         mean = losses.mean()
@@ -148,23 +149,34 @@ class FluxValidator(BaseValidator):
         times = stratified_timesteps(len(per_t)).tolist()
         name = "ema_loss" if weights == "ema" else "loss"
         extra = {f"validation_metrics/{name}_t{t:.2f}": v for t, v in zip(times, per_t)}
+        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
+        skipped = Skips.gather(
+            skips.counts, skips.used, batch_mesh.get_group() if batch_mesh is not None else None
+        )
+        if skipped.total:
+            logger.warning(f"validation of step {step}: {skipped.line()}")
         if weights == "ema":  # torchtitan's log_validation names the raw weights' metrics
             self.metrics_processor.logger.log({"validation_metrics/ema_loss": loss} | extra, step)
             logger.info(f"validate step: {step:2}  ema loss: {loss:7.4f}")
         else:
+            extra |= skipped.metrics("validation_metrics/")
             self.metrics_processor.log_validation(loss, step, extra_metrics=extra)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             self.save_grid(images, step, "ema" if weights == "ema" else "")
 
-    def loss(self, model: nn.Module) -> torch.Tensor:
-        """(K,) mean loss over the held-out batches at each stratified timestep."""
+    def loss(self, model: nn.Module) -> tuple[torch.Tensor, Skips]:
+        """(K,) mean loss over the held-out batches at each stratified timestep, and what
+        this rank's loader skipped and gave for them."""
         assert self.preprocess is not None, "FluxTrainer attaches the encoders"
         s = self.settings
         times = stratified_timesteps(s.loss_timesteps).to(self.device)
         totals = torch.zeros(len(times), device=self.device)
-        iterator = iter(self.loader())
+        loader = self.loader()
+        iterator = iter(loader)
+        used = 0
         for _ in range(s.steps):
             batch = next(iterator)
+            used += len(batch["captions"])
             streams = Streams.of(held_out_seed(s.seed), 0, batch["keys"], self.device)
             encoded = self.preprocess.encode(batch, 0.0, streams)
             noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
@@ -172,7 +184,7 @@ class FluxValidator(BaseValidator):
                 t_batch = t.expand(encoded.x0.shape[0])
                 flow = self.preprocess.flow(encoded, t_batch, noise)
                 totals[k] += flow_matching_loss(model, flow).detach()
-        return totals / s.steps
+        return totals / s.steps, Skips(skip_counts(loader), used)
 
     def sample(self, model: nn.Module) -> torch.Tensor:
         """Every rank samples the same prompts (FSDP needs every rank in each forward)."""

@@ -37,7 +37,7 @@ class Run:
         return {int(s): float(v) for s, v in EMA_VALIDATION_LOSS.findall(self.output)}
 
 
-def run_train(dump_folder: Path, *args: str, nproc: int = 1, timeout: int = 300) -> Run:
+def run_train(dump_folder: Path, *args: str, nproc: int | str = 1, timeout: int = 300) -> Run:
     env = dict(os.environ, NGPU=str(nproc), PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     cmd = [

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 from torchtitan.tools.utils import has_cuda_capability
 
-from flux.config import DEBUG_CONFIG, ConfigError, check_config, parse_config, resolve_path
+from flux.config import (
+    DEBUG_CONFIG,
+    ConfigError,
+    check_config,
+    parse_config,
+    resolve_path,
+)
+from flux.config import main as preflight
 from flux.model.args import flux_configs
 from tests.launch import run_train
 
@@ -86,6 +93,25 @@ def test_max_nonfinite_steps_must_be_at_least_one() -> None:
 @pytest.mark.parametrize(
     "args, expected",
     [
+        (("--training.shards_open", "0"), "training.shards_open = 0: use 1 or more"),
+        (("--training.data_streams", "-1"), "training.data_streams = -1"),
+        (("--training.dataloader.num_workers", "-2"), "num_workers = -2: use 0 or more"),
+        (("--training.dataloader.prefetch_factor", "0"), "prefetch_factor = 0: use 1 or more"),
+    ],
+)
+def test_data_reader_settings_are_checked(args: tuple[str, ...], expected: str) -> None:
+    assert expected in refused(*args)
+
+
+def test_data_streams_must_be_a_multiple_of_the_data_parallel_degree() -> None:
+    message = refused("--training.data_streams", "6", world_size=4)
+    assert "not a multiple of the data-parallel degree 4" in message
+    check_config(config("--training.data_streams", "8"), 4)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
         (("--model.converters", "quantize.linear.float8"), "needs a GPU with float8 matmuls"),
         ((*FLOAT8, "--compile.enable"), "emulate does not work with compile.enable"),
         (
@@ -159,3 +185,86 @@ def test_run_train_sh_prints_the_error_as_one_line_and_exits_2(tmp_path) -> None
 )
 def test_ema_settings_out_of_range(args: tuple[str, ...], expected: str) -> None:
     assert expected in refused("--ema.enable", *args)
+
+
+def bad_settings(tmp: Path) -> list[tuple[tuple[str, ...], str]]:
+    """Settings that passed the pre-flight and then failed inside torchrun (issue 15), with
+    what the one line must say."""
+    a_file = tmp / "a_file"
+    a_file.write_text("")
+    empty = tmp / "empty_init"
+    empty.mkdir()
+    ckpt = ("--checkpoint.enable", "--job.dump_folder", str(tmp / "run"))
+    return [
+        (("--training.steps", "-1"), "training.steps = -1: use 1 or more"),
+        (("--training.steps", "0"), "training.steps = 0"),
+        (("--training.local_batch_size", "0"), "training.local_batch_size = 0"),
+        (("--training.global_batch_size", "12"), "global_batch_size = 12 is not a multiple"),
+        (("--training.max_norm", "0"), "training.max_norm = 0"),
+        (("--training.gc_freq", "0"), "training.gc_freq = 0"),
+        (("--training.dataloader.num_workers", "-1"), "num_workers = -1"),
+        (("--training.classifier_free_guidance_prob", "1.5"), "from 0 to 1"),
+        (("--training.max_skipped_fraction", "2"), "training.max_skipped_fraction = 2.0"),
+        (("--training.max_nonfinite_steps", "0"), "use 1 or more"),
+        (("--training.dataset", "imagefolder"), "needs training.dataset_path"),
+        (
+            ("--training.dataset", "imagefolder", "--training.dataset_path", str(tmp / "no")),
+            "is not a folder",
+        ),
+        (("--metrics.log_freq", "0"), "metrics.log_freq = 0"),
+        (("--encoder.max_t5_encoding_len", "0"), "encoder.max_t5_encoding_len = 0"),
+        (("--encoder.t5_encoder", str(tmp / "t5")), "encoder.t5_encoder"),
+        (("--encoder.clip_encoder", "./clip"), "encoder.clip_encoder ./clip is not a folder"),
+        (("--optimizer.lr", "-0.001"), "optimizer.lr = -0.001"),
+        (("--optimizer.eps", "-1"), "optimizer.eps = -1"),
+        (("--optimizer.beta2", "1.5"), "optimizer.beta2 = 1.5"),
+        (("--lr_scheduler.warmup_steps", "-1"), "lr_scheduler.warmup_steps = -1"),
+        (("--lr_scheduler.min_lr_factor", "2"), "lr_scheduler.min_lr_factor = 2.0"),
+        (("--validation.freq", "0"), "validation.freq = 0"),
+        (("--validation.steps", "0"), "validation.steps: use 1 or more"),
+        (("--validation.steps", "-1"), "validation.steps = -1: use 1 or more"),
+        (("--validation.local_batch_size", "0"), "validation.local_batch_size = 0"),
+        (("--validation.loss_timesteps", "0"), "validation.loss_timesteps = 0"),
+        (("--validation.sampling_steps", "0"), "validation.sampling_steps = 0"),
+        (("--validation.cfg_scale", "-1"), "validation.cfg_scale = -1.0"),
+        (("--job.dump_folder", str(a_file)), "is a file, not a folder"),
+        (("--job.dump_folder", str(a_file / "run")), "is a file, not a folder"),
+        ((*ckpt, "--checkpoint.interval", "0"), "checkpoint.interval = 0"),
+        ((*ckpt, "--checkpoint.keep_latest_k", "-1"), "checkpoint.keep_latest_k = -1"),
+        ((*ckpt, "--checkpoint.load_step", "5"), "step-5 does not exist"),
+        (
+            (*ckpt, "--checkpoint.initial_load_path", str(tmp / "missing")),
+            "initial_load_path",
+        ),
+        ((*ckpt, "--checkpoint.initial_load_path", str(empty)), "is not a checkpoint"),
+    ]
+
+
+def test_every_bad_setting_is_refused_by_the_preflight_in_one_line(tmp_path, capsys) -> None:
+    """What run_train.sh runs before torchrun (`python -m flux.config`), in this process."""
+    for args, expected in bad_settings(tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            preflight(["--job.config_file", DEBUG, *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, args
+        assert err.count("\n") == 1 and err.startswith("flux: error: "), (args, err)
+        assert expected in err, (args, err)
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "ngpu, args, expected",
+    [
+        ("0", (), "NGPU=0: give the number of processes"),
+        ("two", (), "NGPU=two"),
+        ("1", ("--training.steps", "-1"), "training.steps = -1"),
+        ("1", ("--validation.loss_timesteps", "0"), "validation.loss_timesteps = 0"),
+    ],
+)
+def test_run_train_sh_refuses_bad_settings_in_one_line(tmp_path, ngpu, args, expected) -> None:
+    run = run_train(tmp_path / "run", *args, nproc=ngpu)
+    lines = [line for line in run.output.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.output
+    assert lines[0].startswith("flux: error:") and expected in lines[0]
+    assert not (tmp_path / "run").exists()

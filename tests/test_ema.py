@@ -128,7 +128,8 @@ def test_a_checkpoint_without_an_average_resumes_and_starts_one(tmp_path, caplog
     m = model()
     save_dcp(m.state_dict(), tmp_path / "step-2")
     state = {**m.state_dict(), EMA: WeightAverage(m, EmaSettings(decay=0.9))}
-    manager = SimpleNamespace(states={})  # check_before_load reads the loader from it
+    # check_before_load reads these from the manager
+    manager = SimpleNamespace(states={}, verified=None, initial_load_path=None)
     with caplog.at_level(logging.WARNING):
         FluxCheckpointManager.check_before_load(manager, state, str(tmp_path / "step-2"))  # type: ignore[arg-type]
     assert EMA not in state  # DCP is not asked for it

@@ -1,21 +1,32 @@
-"""A run keeps its work: preemption signals, killed processes, half-written checkpoints,
-non-finite steps, a checkpoint of another model. Through ./run_train.sh with two processes
-(FSDP on gloo), against one unbroken run of the same 16 steps made once per session."""
+"""A run keeps its work: preemption signals, killed processes, half-written or corrupted
+checkpoints, non-finite steps, data that goes missing, a checkpoint of another model.
+Mostly through ./run_train.sh with two processes (FSDP on gloo), against one unbroken run
+of the same 16 steps made once per session; the accounting itself in this process."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import shutil
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from flux.checkpoint import checkpoint_problem, latest_complete_step
+from flux.data.dataset import CaptionedImages
+from flux.resilience import (
+    MIN_SAMPLES_JUDGED,
+    LastStepNotAppliedError,
+    NonFiniteLossError,
+    NonFiniteSteps,
+    Skips,
+    TooManySkipsError,
+)
 from tests.launch import Run, Training, run_train
-
-pytestmark = pytest.mark.e2e
+from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16
 ARGS = (
@@ -48,10 +59,12 @@ def saved(dump: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory) -> tuple[Run, Path]:
+    """16 steps on two processes, a checkpoint every 4."""
     dump = tmp_path_factory.mktemp("unbroken")
     return run_train(dump, *ARGS, *EVERY_4, nproc=2), dump
 
 
+@pytest.mark.e2e
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_ends_unbroken(
     unbroken, tmp_path
 ) -> None:
@@ -73,6 +86,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_ends_unbro
     assert final_loss(resumed) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_a_killed_process_restarts_from_the_last_checkpoint_and_ends_unbroken(
     unbroken, tmp_path
 ) -> None:
@@ -88,20 +102,27 @@ def test_a_killed_process_restarts_from_the_last_checkpoint_and_ends_unbroken(
     assert final_loss(run) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_half_written_checkpoints_are_skipped_and_named(unbroken, tmp_path) -> None:
     reference = unbroken[1] / "checkpoint"
     dump = tmp_path / "run"
-    for step in (4, 8, 12):
+    for step in (4, 8, 12, 16):
         shutil.copytree(reference / f"step-{step}", dump / "checkpoint" / f"step-{step}")
+    data = dump / "checkpoint" / "step-16" / "__1_0.distcp"
+    with open(data, "r+b") as f:  # a disk that corrupted data in place: the size is right
+        f.seek(data.stat().st_size // 2)
+        f.write(bytes(64))
     (dump / "checkpoint" / "step-12" / ".metadata").unlink()  # killed before DCP's last write
     data = sorted((dump / "checkpoint" / "step-8").glob("*.distcp"))[-1]
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # a disk that lost data
+    assert "does not match its checksum" in (checkpoint_problem(data.parents[1] / "step-16") or "")
     assert "no .metadata" in (checkpoint_problem(dump / "checkpoint" / "step-12") or "")
     assert "cut short" in (checkpoint_problem(dump / "checkpoint" / "step-8") or "")
     assert checkpoint_problem(reference / "step-4") is None
     assert latest_complete_step(dump / "checkpoint") == 4
 
     run = run_train(dump, *ARGS, *EVERY_4, nproc=2)
+    assert "step-16 is corrupted (__1_0.distcp does not match its checksum)" in run.output
     assert "step-12 is incomplete (no .metadata" in run.output
     assert "step-8 is incomplete" in run.output and "cut short" in run.output
     assert "resuming from step-4, the newest complete checkpoint" in run.output
@@ -109,6 +130,7 @@ def test_half_written_checkpoints_are_skipped_and_named(unbroken, tmp_path) -> N
     assert final_loss(run) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_an_explicit_load_of_a_half_written_checkpoint_is_refused_in_one_line(
     unbroken, tmp_path
 ) -> None:
@@ -121,22 +143,81 @@ def test_an_explicit_load_of_a_half_written_checkpoint_is_refused_in_one_line(
     assert "step-4 is incomplete (no .metadata" in lines[0]
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_its_checkpoint_intact(
-    tmp_path,
-) -> None:
-    # lr 1e30: step 1 throws the weights to ~1e30, so every later loss overflows
-    args = ("--optimizer.lr", "1e30", "--checkpoint.interval", "1")
-    run = run_train(tmp_path, *ARGS, *args, "--training.max_nonfinite_steps", "3")
-    assert run.returncode == 1
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory) -> tuple[Run, Path, Path]:
+    """4 steps at lr 1e30 on a folder of 6 images and 3 bad files: step 1 throws the
+    weights to ~1e30, so every later loss overflows and steps 2-4 are not applied."""
+    folder = folder_with_bad_files(tmp_path_factory.mktemp("data") / "images", good=6)
+    dump = tmp_path_factory.mktemp("diverged")
+    args = (
+        *("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4"),
+        *("--validation.freq", "100", "--validation.steps", "1"),
+        *("--validation.sampling_steps", "1", "--checkpoint.enable"),
+        *("--optimizer.lr", "1e30", "--checkpoint.interval", "1"),
+        *("--training.dataset", "imagefolder", "--training.dataset_path", str(folder)),
+    )
+    return run_train(dump, *args), dump, folder
+
+
+@pytest.mark.e2e
+def test_a_run_whose_last_step_was_not_applied_fails_naming_the_steps(diverged) -> None:
+    run, dump, _ = diverged
+    assert run.returncode == 1, run.output[-3000:]
     for step in (2, 3, 4):
         assert f"step {step}: loss nan / gradient norm nan not finite" in run.output
+    assert "3 steps not applied (loss or gradients not finite): 2, 3, 4" in run.output
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
-    assert len(lines) == 1 and "not finite for 3 steps in a row" in lines[0], run.output[-3000:]
-    assert saved(tmp_path) == ["step-1"]  # nothing saved after the last good step
-    assert checkpoint_problem(tmp_path / "checkpoint" / "step-1") is None
+    assert len(lines) == 1 and "the last step (4) was not applied" in lines[0], run.output
+    assert "Training completed" not in run.output
+    assert saved(dump) == ["step-1"]  # nothing saved after the last good step
+    assert checkpoint_problem(dump / "checkpoint" / "step-1") is None
     assert math.isfinite(run.losses[1]) and math.isnan(run.losses[2])
 
 
+@pytest.mark.e2e
+def test_the_skip_totals_at_the_end_of_a_run_count_every_bad_file_read(diverged) -> None:
+    run, _, folder = diverged
+    (line,) = [line for line in run.output.splitlines() if "data: 16 samples used" in line]
+    # the same reader, in this process: the 16 samples of the run and the files it skipped
+    reader = CaptionedImages("imagefolder", 64, path=folder)
+    assert len(list(itertools.islice(iter(reader), 16))) == 16
+    skipped = sum(reader.skipped.values())
+    assert skipped >= 2 * 3  # 16 of 6 good images: every bad file was met twice or more
+    assert f"data: 16 samples used, {skipped} skipped (" in line
+    assert "undecodable image" in line
+    (last_step,) = [line for line in run.output.splitlines() if "step:  4  loss" in line]
+    assert f"skipped: {skipped} (" in last_step  # the periodic line carries the counts
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_the_last_one_is_named() -> None:
+    steps = NonFiniteSteps(limit=3)
+    steps.record(1, True, 1.0, 1.0)
+    steps.record(2, False, float("nan"), float("nan"))
+    steps.record(3, True, 1.0, 1.0)
+    steps.check_last_step(3)
+    with pytest.raises(LastStepNotAppliedError, match=r"last step \(4\) was not applied"):
+        steps.record(4, False, float("nan"), 1.0)
+        steps.check_last_step(4)
+    steps.record(5, False, float("inf"), 1.0)
+    with pytest.raises(NonFiniteLossError, match="not finite for 3 steps in a row"):
+        steps.record(6, False, float("nan"), 1.0)
+    assert steps.summary() == "4 steps not applied (loss or gradients not finite): 2, 4, 5, 6"
+
+
+def test_too_many_skipped_samples_stop_the_run_once_enough_were_read() -> None:
+    few = Skips(Counter({"undecodable image": 50}), used=MIN_SAMPLES_JUDGED - 51)
+    few.check(max_fraction=0.01)  # too few read to judge
+    many = Skips(Counter({"undecodable image": 150, "empty caption": 50}), used=1800)
+    many.check(max_fraction=0.1)  # 10% exactly is allowed
+    with pytest.raises(TooManySkipsError) as error:
+        many.check(max_fraction=0.05)
+    message = str(error.value)
+    assert "200 of the 2000 samples read so far were skipped (10.0%" in message
+    assert "150 undecodable image, 50 empty caption" in message and "\n" not in message
+    assert many.metrics("data/")["data/skipped/undecodable_image"] == 150
+
+
+@pytest.mark.e2e
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
     import dataclasses
 
@@ -153,6 +234,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
     assert "step:" not in run.output  # refused before any step
 
 
+@pytest.mark.e2e
 def test_a_non_finite_step_changes_no_weight_nor_the_average_and_training_goes_on(
     tmp_path,
 ) -> None:
@@ -183,6 +265,8 @@ def test_a_non_finite_step_changes_no_weight_nor_the_average_and_training_goes_o
     run = run_train(tmp_path / "run", *args)
     assert run.returncode == 0, run.output[-3000:]
     assert "step 3: loss nan / gradient norm nan not finite" in run.output
+    assert "1 step not applied (loss or gradients not finite): 3" in run.output
+    assert "Training completed" in run.output  # its last step was applied
     assert [s for s, v in run.losses.items() if not math.isfinite(v)] == [3]
     for val in (run.validation_losses, run.ema_validation_losses):
         assert sorted(val) == [1, 2, 3, 4, 5] and all(math.isfinite(v) for v in val.values())

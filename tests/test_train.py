@@ -111,6 +111,9 @@ def test_metrics_reach_tensorboard(single) -> None:
         "validation_metrics/loss_t0.06",
         "validation_metrics/ema_loss",
         "validation_metrics/ema_loss_t0.06",
+        "data/skipped",  # the data loader's skips, by kind when there are some
+        "data/skipped_fraction",
+        "validation_metrics/skipped",
     ):
         assert tag in tags, sorted(tags)
     # MFU against a GPU's peak FLOPs; the CPU has none to measure against
@@ -206,6 +209,18 @@ def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert len(lines) == 1 and "holds the model only" in lines[0], run.output[-2000:]
     assert "initial_load_path" in lines[0]
+
+
+def test_a_data_set_too_small_for_two_processes_stops_in_one_line(tmp_path) -> None:
+    """One record for two ranks: the rank without one says so; none waits forever."""
+    from tests.data.tars import make_shards
+
+    data = make_shards(tmp_path / "data", 1, 1)
+    args = ("--training.dataset", "webdataset", "--training.dataset_path", str(data))
+    run = run_train(tmp_path / "run", "--training.steps", "2", *args, nproc=2)
+    assert run.returncode != 0
+    lines = [line for line in run.output.splitlines() if "flux: error:" in line]
+    assert len(lines) == 1 and "is too small for 2 readers" in lines[0], run.output[-3000:]
 
 
 FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")

@@ -1,35 +1,57 @@
-"""The training dataset: captioned images from a source, sharded by data-parallel rank,
-with a state that torchtitan's checkpoint saves so a resumed run continues exactly.
+"""The training dataset: captioned images from a source, read by data-parallel rank as parts
+of one global order (flux.data.streams), with a state that torchtitan's checkpoint saves so a
+resumed run continues exactly, on the same or another number of ranks and workers.
 
-Indexed sources (`shapes`, `imagefolder`, `precomputed`): rank r of W reads samples r, r + W,
-r + 2W, ... of a seeded per-epoch order, and its state is how many it has consumed. Streamed
-sources (`webdataset`, `cc12m-wds`) keep their position in the stream (webdataset.py).
-`precomputed` (precomputed.py) yields CachedSamples, the encoders' outputs, instead of images.
+Sources: indexed (`shapes`, `imagefolder`, `precomputed`: sample i of a known set) and
+sharded (`webdataset`: .tar shards in a local folder or at an fsspec URL; `cc12m-wds`: the
+shards of a hub data set). `precomputed` (precomputed.py) yields CachedSamples, the
+encoders' outputs, instead of images.
+
+Rank r of W reads its streams r, r + W, ... in turn. A reader (the training process, or
+each of the rank's dataloader workers, which split its streams) hands on Items: a sample,
+its stream's position after it, and what was skipped on the way. The rank's CaptionedImages
+in the training process takes them in order (take), so its positions, counts and skip log
+are exactly what the training step has consumed, whatever the workers have read ahead.
 """
 
 from __future__ import annotations
 
-import random
-import time
-from collections import Counter, deque
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset
 from torchtitan.tools.logging import logger
 
-from flux.data.imagefolder import BadSample, list_images, load_pair
-from flux.data.precomputed import CachedSample, PrecomputedCache
+from flux.data.imagefolder import list_images, load_pair
+from flux.data.precomputed import UNREADABLE, CachedSample, CacheError, PrecomputedCache
 from flux.data.shapes import shapes_sample
+from flux.data.shards import (
+    Record,
+    Shard,
+    count_records,
+    decode_record,
+    list_shards,
+    shard_location,
+    shards_digest,
+)
+from flux.data.skips import UNDECODABLE_IMAGE, BadSample, Skip, SkipLog
+from flux.data.streams import (
+    DataError,
+    IndexedStream,
+    Position,
+    ShardStream,
+    check_enough_records,
+)
 from flux.data.transforms import image_to_tensor
-from flux.data.webdataset import CC12M_HUB_ID, RecordStream, decode_record, hub_shards, local_shards
 
 SOURCES = ("shapes", "imagefolder", "webdataset", "cc12m-wds", "precomputed")
 PATH_SOURCES = ("imagefolder", "webdataset", "precomputed")  # need dataset_path
+SHARDED = ("webdataset", "cc12m-wds")
+STATE_FORMAT = "flux-streams/1"
 HELD_OUT_SEED = 1_000_003  # held-out draws are seeded apart from training's
 
 
@@ -47,13 +69,35 @@ def split_seed(split: str, source: str, seed: int) -> int:
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # (3, H, W) in [-1, 1]
+    image: torch.Tensor  # (3, H, W) uint8
     caption: str
     key: str  # where the sample came from: "17" (index), a path, or "shard.tar:KEY"
 
+    # From a dataloader worker, the image crosses in the pipe as bytes: a shared-memory
+    # segment per image (how torch sends tensors) costs more than copying it.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "image": self.image.numpy()}
 
-class CaptionedImages(IterableDataset, Stateful):
-    """Infinite stream of Samples (CachedSamples for `precomputed`) for one data-parallel rank."""
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, image=torch.from_numpy(state["image"]))
+
+
+@dataclass
+class Item:
+    """What a reader hands on: one sample of stream `stream` and the stream's position after
+    it, with what was skipped since its previous item; or (sample None) the skips at the end
+    of a single pass, or an error that stops the run."""
+
+    sample: Sample | CachedSample | None
+    stream: int = -1
+    position: Position | None = None
+    skips: list[Skip] = field(default_factory=list)
+    error: str | None = None
+
+
+class CaptionedImages(Stateful):
+    """The samples of one data-parallel rank, endlessly (Samples, or CachedSamples for
+    `precomputed`), with their positions, skip counts and state."""
 
     def __init__(
         self,
@@ -64,6 +108,8 @@ class CaptionedImages(IterableDataset, Stateful):
         seed: int = 0,
         path: str | Path | None = None,
         report_every_s: float = 60.0,
+        streams: int = 0,
+        shards_open: int = 8,
     ):
         if source not in SOURCES:
             raise ValueError(f"unknown dataset {source!r}: choose one of {', '.join(SOURCES)}")
@@ -71,28 +117,44 @@ class CaptionedImages(IterableDataset, Stateful):
             raise ValueError(f"rank {rank} is outside the world of {world_size}")
         if source in PATH_SOURCES and path is None:
             raise ValueError(f"dataset {source!r} needs dataset_path: the folder of its files")
+        if shards_open < 1:
+            raise ValueError(f"training.shards_open = {shards_open}: use 1 or more")
         self.source, self.img_size, self.seed = source, img_size, seed
         self.rank, self.world_size = rank, world_size
-        self.path = Path(path) if path is not None else None
+        self.streams = streams or world_size
+        check_streams(self.streams, world_size)
+        self.shards_open = shards_open
+        self.path = Path(path) if path is not None and "://" not in str(path) else path
         self.files = list_images(path) if source == "imagefolder" else []  # type: ignore[arg-type]
         self.cache = PrecomputedCache(path) if source == "precomputed" else None  # type: ignore[arg-type]
-        self.stream: RecordStream | None = None
-        if source == "webdataset":
-            self.stream = local_shards(path, rank, world_size, seed)  # type: ignore[arg-type]
-        elif source == "cc12m-wds":
-            self.stream = hub_shards(str(path or CC12M_HUB_ID), rank, world_size, seed)
-        # (reader, readers): this rank, or one of its dataloader workers (set in __iter__).
-        self._reader = (rank, world_size)
-        self._pending_state: dict[str, Any] | None = None
-        self.consumed = 0  # indexed sources: samples of this rank's order handed out or skipped
-        self.skipped: Counter[str] = Counter()  # reason -> count
-        self.skip_examples: deque[str] = deque(maxlen=8)  # the latest "where: reason"
-        self.report_every_s = report_every_s
-        self._reported = (0.0, 0)  # (time, skips) of the last report
+        self.location = shard_location(source, path) if source in SHARDED else ""
+        self.shards: list[Shard] = list_shards(self.location) if self.location else []
+        if self.shards and len(self.shards) < self.streams and "://" not in self.location:
+            # Shards shared among streams: are they large enough for all? (Local shards
+            # are counted from their headers; remote ones would be downloaded whole.)
+            counts = [count_records(shard) for shard in self.shards]
+            check_enough_records(counts, self.streams, self.location)
+        self.positions: dict[int, Position] = {}  # stream -> after its last sample taken
+        self.consumed = 0  # samples this rank has taken (its turn among its streams)
+        self.skips = SkipLog(report_every_s)
+        self._shard_problems: set[tuple[str, str]] = set()  # logged once each
+
+    @property
+    def streamed(self) -> bool:
+        """A sharded source (read front to back), rather than an indexed one."""
+        return bool(self.shards)
+
+    @property
+    def skipped(self) -> Any:  # Counter[str]: kind -> count
+        return self.skips.counts
+
+    @property
+    def skip_examples(self) -> Any:  # the latest "where: kind: detail"
+        return self.skips.examples
 
     # -- indexed sources ------------------------------------------------------------------
     def size(self) -> int | None:
-        """Samples of an indexed source in one epoch; None for shapes (unbounded) and streams."""
+        """Samples of an indexed source in one epoch; None for shapes (unbounded) and shards."""
         if self.cache is not None:
             return len(self.cache)
         return len(self.files) if self.files else None
@@ -105,150 +167,210 @@ class CaptionedImages(IterableDataset, Stateful):
 
     def sample(self, index: int) -> Sample | CachedSample:
         """Sample `index` of an indexed source, in its own (unshuffled) order; raises
-        BadSample or ValueError for an unusable one."""
+        BadSample for an unusable one."""
         if self.cache is not None:
-            return self.cache[index]
+            try:
+                return self.cache[index]
+            except CacheError as e:  # its shard went bad after start-up: its samples are lost
+                raise BadSample(UNREADABLE, str(e).removeprefix(f"{UNREADABLE}: ")) from e
         if self.files:
-            image, caption = load_pair(self.files[index])
+            image, caption = load_pair(self.files[index], self.img_size)
         else:
             image, caption = shapes_sample(self.seed, index, self.img_size)
-        return Sample(image_to_tensor(image, self.img_size), caption, self.key(index))
+        return Sample(self._tensor(image), caption, self.key(index))
 
-    def _source_index(self, position: int) -> int:
-        rank, world_size = self._reader
-        global_position = rank + position * world_size
-        size = self.size()
-        if size is None:
-            return global_position  # shapes, unbounded: no epochs
-        epoch, offset = divmod(global_position, size)
-        order = list(range(size))
-        random.Random(self.seed * 7919 + epoch).shuffle(order)
-        return order[offset]
+    def _tensor(self, image: Any) -> torch.Tensor:
+        try:
+            return image_to_tensor(image, self.img_size)
+        except ValueError as e:
+            raise BadSample(UNDECODABLE_IMAGE, str(e)) from e
 
-    def _indexed(self) -> Iterator[tuple[str, Any]]:
-        while True:
-            index = self._source_index(self.consumed)
-            self.consumed += 1
-            yield self.key(index), lambda i=index: self.sample(i)
+    def _decode(self, shard: Shard, record: Record) -> Sample:
+        image, caption = decode_record(record.files, self.img_size)
+        return Sample(self._tensor(image), caption, f"{shard.name}:{record.key}")
 
-    def _streamed(self, once: bool = False) -> Iterator[tuple[str, Any]]:
-        assert self.stream is not None
-        for where, record in self.stream.records(once):
-            yield where, lambda w=where, r=record: self._decoded(w, r)
-
-    def _decoded(self, where: str, record: dict[str, Any]) -> Sample:
-        image, caption = decode_record(record)
-        return Sample(image_to_tensor(image, self.img_size), caption, where)
-
-    # -- all sources ----------------------------------------------------------------------
-    def __iter__(self) -> Iterator[Sample | CachedSample]:
-        worker = torch.utils.data.get_worker_info()
-        if worker is not None and worker.num_workers > 1 and self.stream is None:
-            # Each dataloader worker reads its own share (datasets' streams split
-            # themselves among workers).
-            self._reader = (
-                self.rank * worker.num_workers + worker.id,
-                self.world_size * worker.num_workers,
-            )
-        self._apply_pending_state()
-        yield from self._usable(self._indexed() if self.stream is None else self._streamed())
-
-    def one_pass(self) -> Iterator[Sample | CachedSample]:
-        """A streamed source's samples from its current position to the end of the epoch
-        (what precompute reads; indexed sources are read with `sample`)."""
-        yield from self._usable(self._streamed(once=True))
-
-    def _usable(self, records: Iterator[tuple[str, Any]]) -> Iterator[Sample | CachedSample]:
-        """The loaded samples of `records`, bad ones skipped and reported."""
-        bad_in_a_row = 0
-        for where, load in records:
+    def _check_some_sample_is_usable(self) -> None:
+        """Fail (naming the path) when an indexed source has no usable sample at all."""
+        for file in self.files:
             try:
-                sample = load()
-            except (BadSample, ValueError) as e:
-                self._skip(where, str(e))
-                bad_in_a_row += 1
-                if bad_in_a_row >= self._patience():
-                    self._check_some_sample_is_usable(e)
-                    bad_in_a_row = 0
+                self._tensor(load_pair(file, self.img_size)[0])
+                return
+            except BadSample:
                 continue
-            bad_in_a_row = 0
-            self._maybe_report()
-            yield sample
-
-    def _skip(self, where: str, reason: str) -> None:
-        self.skipped[reason.split(":")[0]] += 1
-        self.skip_examples.append(f"{where}: {reason}")
-
-    def _patience(self) -> int:
-        size = self.size()
-        if size is not None:
-            return size
-        return 10_000 if self.stream is not None else 1
-
-    def _check_some_sample_is_usable(self, error: Exception) -> None:
-        """Fail (naming the path) when the source has no usable sample at all."""
-        where = self.path or self.source
-        if self.files:
-            for file in self.files:
-                try:
-                    image_to_tensor(load_pair(file)[0], self.img_size)
-                    return
-                except (BadSample, ValueError):
-                    continue
-        raise ValueError(
-            f"no usable sample in {where}: every sample was skipped "
-            f"(latest: {self.skip_examples[-1] if self.skip_examples else error})"
+        raise DataError(
+            f"no usable sample in {self.path or self.source}: every sample was skipped "
+            f"(latest: {self.skip_examples[-1] if self.skip_examples else 'none'})"
         )
 
-    def _maybe_report(self) -> None:
-        """Log what was skipped, at most every report_every_s, when something new was."""
-        skips = sum(self.skipped.values()) + (len(self.stream.bad_shards) if self.stream else 0)
-        now = time.monotonic()
-        if skips > self._reported[1] and now - self._reported[0] >= self.report_every_s:
+    # -- streams --------------------------------------------------------------------------
+    def rank_streams(self) -> list[int]:
+        """The streams this rank reads, in the order it takes its samples from them."""
+        return list(range(self.rank, self.streams, self.world_size))
+
+    def _stream_items(self, stream: int, once: bool) -> Iterator[tuple[Any, Position]]:
+        """(sample or Skip, the stream's position after it)."""
+        position = self.positions.get(stream)
+        if self.shards:
+            s = ShardStream(
+                self.shards, stream, self.streams, self.seed, self.shards_open, position,
+                self.location,
+            )  # fmt: skip
+            for thing in s.items(self._decode, once):
+                yield thing, s.position()
+        else:
+            i = IndexedStream(stream, self.streams, self.size(), self.seed, position)
+            for thing in i.items(self.sample, self.key, once, self._check_some_sample_is_usable):
+                yield thing, i.position()
+
+    def items(self, worker: int = 0, workers: int = 1, once: bool = False) -> Iterator[Item]:
+        """Worker `worker` of `workers`' part of this rank's samples, from the current state:
+        the rank's turns c + worker, c + worker + workers, ... (c = samples taken so far)
+        fall on streams this worker owns, since `workers` divides the rank's streams. Each
+        Item holds one sample (once: until every stream ends its epoch)."""
+        local = self.rank_streams()
+        if len(local) % workers:
+            raise ValueError(f"{workers} workers do not divide the {len(local)} streams of a rank")
+        turns = [(self.consumed + worker + t * workers) % len(local) for t in range(len(local))]
+        turns = list(dict.fromkeys(turns))  # the streams this worker owns, in turn order
+        readers = {q: self._stream_items(local[q], once) for q in turns}
+        skips: list[Skip] = []
+        try:
+            while turns:
+                for q in list(turns):
+                    for thing, position in readers[q]:
+                        if isinstance(thing, Skip):
+                            skips.append(thing)
+                            continue
+                        yield Item(thing, local[q], position, skips)
+                        skips = []
+                        break
+                    else:
+                        turns.remove(q)  # once: the stream's epoch has ended
+            if skips:
+                yield Item(None, skips=skips)
+        except DataError as e:
+            yield Item(None, skips=skips, error=str(e))
+
+    def take(self, item: Item) -> None:
+        """Account for an item handed to the training step: its stream's position, the
+        turn, its skips (counted; a shard's problem also logged, once per shard)."""
+        for skip in item.skips:
+            if skip.of_shard:
+                if (skip.where, skip.kind) in self._shard_problems:
+                    continue
+                self._shard_problems.add((skip.where, skip.kind))
+                logger.warning(f"dataset {self.source} (rank {self.rank}): {skip}")
+            self.skips.add(skip)
+        if item.error is not None:
+            raise DataError(item.error)
+        if item.sample is not None:
+            self.positions[item.stream] = item.position  # type: ignore[assignment]
+            self.consumed += 1
+        if self.skips.due():
             logger.warning(f"dataset {self.source} (rank {self.rank}): {self.skip_report()}")
-            self._reported = (now, skips)
+
+    def __iter__(self) -> Iterator[Sample | CachedSample]:
+        """This rank's samples, read in this process."""
+        yield from self._taken(self.items())
+
+    def one_pass(self) -> Iterator[Sample | CachedSample]:
+        """A sharded source's samples from the current state to the end of each stream's
+        epoch (what precompute reads; indexed sources are read with `sample`)."""
+        yield from self._taken(self.items(once=True))
+
+    def _taken(self, items: Iterator[Item]) -> Iterator[Sample | CachedSample]:
+        for item in items:
+            self.take(item)
+            if item.sample is not None:
+                yield item.sample
 
     def skip_report(self) -> str:
         """One line for the log: what was skipped so far, and where, most recent last."""
-        shards = self.stream.bad_shards if self.stream is not None else []
-        if not self.skipped and not shards:
-            return ""
-        counts = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
-        parts = [f"skipped samples: {counts}" if counts else ""]
-        if shards:
-            parts.append(f"unreadable shards: {len(shards)} (latest {shards[-1]})")
-        if self.skip_examples:
-            parts.append(f"latest: {'; '.join(self.skip_examples)}")
-        return " | ".join(p for p in parts if p)
+        return self.skips.report()
 
+    # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self._pending_state is not None:  # loaded, not yet iterated
-            return self._pending_state
-        if self.stream is not None:
-            return {"stream": self.stream.state_dict(), "world_size": self.world_size}
-        return {"consumed": self.consumed, "world_size": self._reader[1]}
+        """This rank's part of the global state: its streams' positions (None: not started)
+        and its turn. Plain values (precompute keeps it in JSON)."""
+        return {
+            "format": STATE_FORMAT,
+            "streams": self.streams,
+            "world_size": self.world_size,
+            "consumed": self.consumed,
+            "positions": {str(k): self.positions.get(k) for k in self.rank_streams()},
+            "shards": shards_digest(self.shards) if self.shards else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.stream is not None:
-            if state_dict["world_size"] != self.world_size:
-                raise ValueError(
-                    f"the {self.source} stream was saved with {state_dict['world_size']} data-"
-                    f"parallel ranks and cannot resume on {self.world_size}: keep the "
-                    "data-parallel degree, or start its data from the beginning"
-                )
-            self.stream.load_state_dict(state_dict["stream"])
-        else:
-            # Applied in __iter__, once this reader knows whether it is a dataloader worker.
-            self._pending_state = state_dict
+        """Continue from a state: one rank's (state_dict), or several merged (merge_states)
+        that hold every stream this rank reads now."""
+        state = state_dict
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} data state: {sorted(state)}")
+        streams, taken = state["streams"], state["consumed"] * state["world_size"]
+        if streams % self.world_size or taken % self.world_size:
+            if not self.shards:
+                self._continue_after(taken)
+                return
+            raise DataError(
+                f"the {self.source} data was read as {streams} streams (training.data_streams, "
+                f"kept in the checkpoint), which {self.world_size} data-parallel ranks do not "
+                f"divide: resume on a data-parallel degree among {divisors(streams)}"
+            )
+        if self.streams != streams:
+            logger.info(f"dataset {self.source}: reading it as {streams} streams, as saved")
+        self.streams = streams
+        self.consumed = taken // self.world_size
+        positions = state["positions"]
+        missing = [k for k in self.rank_streams() if str(k) not in positions]
+        if missing:
+            raise ValueError(f"the data state lacks streams {missing} of rank {self.rank}")
+        self.positions = {k: positions[str(k)] for k in self.rank_streams() if positions[str(k)]}
+        if self.shards and state["shards"] != shards_digest(self.shards):
+            logger.warning(
+                f"dataset {self.source}: the shards under {self.location} are not those the "
+                "checkpoint read (names or sizes differ): the data starts again from the "
+                "beginning of the epoch order"
+            )
+            self.positions = {}
 
-    def _apply_pending_state(self) -> None:
-        state, self._pending_state = self._pending_state, None
-        if state is None:
-            return
-        if state["world_size"] != self._reader[1]:
-            # Another number of readers: each one's order changes; continue from the same
-            # global position so no sample before it is read again.
-            global_consumed = state["consumed"] * state["world_size"]
-            self.consumed = -(-global_consumed // self._reader[1])
-        else:
-            self.consumed = state["consumed"]
+    def _continue_after(self, taken: int) -> None:
+        """An indexed source on a number of ranks that does not divide its saved streams:
+        this run's streams start at the first global position not taken (nothing is read
+        twice; samples the saved streams had read past it are left out)."""
+        logger.warning(
+            f"dataset {self.source}: resuming on {self.world_size} data-parallel ranks, which "
+            f"do not divide the saved streams: continuing after global sample {taken}"
+        )
+        self.consumed = 0
+        self.positions = {
+            k: {"next": max(0, math.ceil((taken - k) / self.streams))} for k in self.rank_streams()
+        }
+
+
+def check_streams(streams: int, world_size: int) -> None:
+    if streams < 1 or streams % world_size:
+        raise DataError(
+            f"training.data_streams = {streams}: use a multiple of the data-parallel degree "
+            f"({world_size}), or 0 (that degree × dataloader workers)"
+        )
+
+
+def divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state from those of several ranks of the same step (their streams together)."""
+    first = states[0]
+    for state in states[1:]:
+        for key in ("format", "streams", "world_size", "consumed", "shards"):
+            if state.get(key) != first.get(key):
+                raise ValueError(
+                    f"data states of one checkpoint differ in {key}: {state.get(key)} and "
+                    f"{first.get(key)}"
+                )
+    positions: dict[str, Any] = {}
+    for state in states:
+        positions.update(state["positions"])
+    return {**first, "positions": positions}

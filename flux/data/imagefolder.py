@@ -6,11 +6,16 @@ from pathlib import Path
 
 from PIL import Image
 
+from flux.data.skips import (
+    CAPTION_NOT_UTF8,
+    EMPTY_CAPTION,
+    MISSING_CAPTION,
+    UNDECODABLE_IMAGE,
+    BadSample,
+)
+from flux.data.transforms import load_image
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class BadSample(Exception):
-    """A sample that cannot be used (undecodable image, missing caption, ...)."""
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -27,18 +32,19 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def load_pair(image_path: Path) -> tuple[Image.Image, str]:
-    """(image, caption) of one file; raises BadSample saying what is wrong with it."""
+def load_pair(image_path: Path, size: int | None = None) -> tuple[Image.Image, str]:
+    """(RGB image, caption) of one file, EXIF orientation applied (a JPEG of at least twice
+    `size` decoded at a reduced scale); raises BadSample saying what is wrong with it."""
     caption_path = image_path.with_suffix(".txt")
     try:
-        caption = caption_path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadSample(f"no readable caption {caption_path.name}: {e}") from e
+        caption = caption_path.read_bytes().decode("utf-8-sig").strip()
+    except OSError as e:
+        raise BadSample(MISSING_CAPTION, f"no readable caption {caption_path.name}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise BadSample(CAPTION_NOT_UTF8, f"{caption_path.name}: {e}") from e
     if not caption:
-        raise BadSample(f"empty caption {caption_path.name}")
+        raise BadSample(EMPTY_CAPTION, caption_path.name)
     try:
-        with Image.open(image_path) as image:
-            image.load()
-            return image.copy(), caption
+        return load_image(image_path, size), caption
     except Exception as e:  # PIL raises many kinds for bad files
-        raise BadSample(f"undecodable image: {e}") from e
+        raise BadSample(UNDECODABLE_IMAGE, str(e)) from e

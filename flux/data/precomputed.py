@@ -7,8 +7,10 @@ A cache is a folder:
                           (caption dropout) and the validation prompts
     shard-*.safetensors   N samples: t5 (N, L, D_t5), clip (N, D_clip), moments (N, 2C, h, w),
                           and the samples' keys and captions (JSON) in the file's metadata
-    manifest.json         written last: the plan and the list of shards; a cache without it
-                          is unfinished and is not read
+    shard-*.sum.json      the shard's size and checksum (flux.checksums), written once the
+                          shard was read back and found whole
+    manifest.json         written last: the plan, and each shard's sample count, size and
+                          checksum; a cache without it is unfinished and is not read
 
 Tensors are stored in the encoders' dtype (encoder_dtype), exactly as the online encoders
 return them: bfloat16 in the full-size configs (T5 at 256-512 tokens is most of a cache),
@@ -17,6 +19,12 @@ would (up to the last bits of batched matmuls). The latent moments (mean and log
 stored rather than a latent, so each step still samples its own posterior noise.
 Each file is written under a temporary name and renamed when complete: a shard exists
 whole or not at all.
+
+Checks: training's start-up finds every shard and the text table at the size the manifest
+records (a stat per file), and refuses a cache without samples; a shard that cannot be
+read later (gone, cut, unreadable header, another sample count) makes its samples skipped
+and counted ("unreadable cache shard"), like bad records. Caches made before sizes and
+checksums were recorded are read without those checks.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from flux.checksums import read_checksums, write_checksums
 
 FORMAT = "flux-precomputed/1"
 PLAN, MANIFEST, TEXTS = "plan.json", "manifest.json", "texts.safetensors"
@@ -123,6 +133,56 @@ def shard_size(path: Path) -> int:
         return f.get_slice("t5").get_shape()[0]
 
 
+def sums_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.replace(".safetensors", ".sum.json"))
+
+
+def check_shard(path: Path) -> int:
+    """Read a shard back (header, metadata, every tensor's sample count); its sample
+    count, or CacheError saying what is wrong."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            counts = {name: f.get_slice(name).get_shape()[0] for name in TENSORS}
+            meta = f.metadata() or {}
+            keys, captions = json.loads(meta["keys"]), json.loads(meta["captions"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CacheError(f"{path.name} cannot be read ({type(e).__name__}: {e})") from None
+    if len({*counts.values(), len(keys), len(captions)}) != 1:
+        raise CacheError(f"{path.name} holds unequal sample counts ({counts}, {len(keys)} keys)")
+    return counts["t5"]
+
+
+def seal_shard(path: Path) -> dict[str, Any]:
+    """Check a written shard and record its size and checksum beside it; its manifest
+    entry {"file", "samples", "bytes", "digest"}."""
+    samples = check_shard(path)
+    write_checksums(sums_path(path), [path])
+    return {"file": path.name, "samples": samples, **read_checksums(sums_path(path))[path.name]}
+
+
+def shard_entry(path: Path) -> dict[str, Any]:
+    """A sealed shard's manifest entry (sealed now if it was not: its writer stopped
+    between writing and sealing it)."""
+    sums = sums_path(path)
+    if not sums.is_file():
+        return seal_shard(path)
+    entry = read_checksums(sums)[path.name]
+    if path.stat().st_size != entry["bytes"]:
+        raise CacheError(f"{path.name} is not the size it was written with: delete it, rerun")
+    return {"file": path.name, "samples": shard_size(path), **entry}
+
+
+def is_sealed(path: Path) -> bool:
+    """Whether a shard exists whole: sealed at its size, or found whole now (and sealed)."""
+    if not path.is_file():
+        return False
+    try:
+        shard_entry(path)
+        return True
+    except (CacheError, ValueError):
+        return False
+
+
 # -- reading ---------------------------------------------------------------------------------
 def read_manifest(root: str | Path) -> dict[str, Any]:
     """The manifest of a finished cache; CacheError saying what is wrong otherwise."""
@@ -147,7 +207,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 def check_cache(root: str | Path, expected: CacheSettings) -> dict[str, Any]:
-    """The manifest of a finished cache made with `expected`; CacheError (one line) if not."""
+    """The manifest of a finished cache made with `expected`, with samples, its files all
+    there at their recorded sizes; CacheError (one line) if not."""
+    root = Path(root)
     manifest = read_manifest(root)
     made = CacheSettings(**manifest["settings"])
     differences = made.differences(expected)
@@ -156,7 +218,31 @@ def check_cache(root: str | Path, expected: CacheSettings) -> dict[str, Any]:
             f"{root} was made with other settings: {'; '.join(differences)}. Precompute it "
             "again with this config, or train with the cache's settings"
         )
+    if not manifest.get("samples"):
+        raise CacheError(
+            f"{root} holds no samples (all {manifest.get('skipped', 0)} were skipped when it "
+            "was made): precompute it from data with usable samples"
+        )
+    texts = manifest.get("texts_file", {"file": TEXTS})
+    for entry in [texts, *manifest["shards"]]:
+        problem = file_problem(root, entry)
+        if problem is not None:
+            raise CacheError(
+                f"{root} is damaged ({problem}): delete {entry['file']} and {MANIFEST}, then "
+                f"run the precompute command again (it rewrites only what is missing)"
+            )
     return manifest
+
+
+def file_problem(root: Path, entry: dict[str, Any]) -> str | None:
+    """Why a file of the cache is not the one the manifest lists (missing or another size;
+    sizes are recorded since checksums were), or None."""
+    path = root / entry["file"]
+    if not path.is_file():
+        return f"{entry['file']} is missing"
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        return f"{entry['file']} is {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+    return None
 
 
 class TextTable:
@@ -168,9 +254,16 @@ class TextTable:
 
     @classmethod
     def read(cls, root: str | Path) -> TextTable:
-        with safe_open(str(Path(root) / TEXTS), framework="pt") as f:
-            texts = json.loads((f.metadata() or {})["texts"])
-            return cls(texts, f.get_tensor("t5"), f.get_tensor("clip"))
+        path = Path(root) / TEXTS
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                texts = json.loads((f.metadata() or {})["texts"])
+                return cls(texts, f.get_tensor("t5"), f.get_tensor("clip"))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise CacheError(
+                f"{path} cannot be read ({type(e).__name__}): delete it and {MANIFEST}, then "
+                "run the precompute command again"
+            ) from None
 
     def to(self, device: torch.device) -> TextTable:
         return TextTable(list(self.index), self.t5.to(device), self.clip.to(device))
@@ -187,12 +280,28 @@ class TextTable:
         return table[[self.index[t] for t in texts]]
 
 
+UNREADABLE = "unreadable cache shard"  # the kind its samples are skipped as
+
+
 class _Shard:
-    def __init__(self, path: Path):
-        self.file = safe_open(str(path), framework="pt")
-        meta = self.file.metadata() or {}
-        self.keys: list[str] = json.loads(meta["keys"])
-        self.captions: list[str] = json.loads(meta["captions"])
+    def __init__(self, root: Path, entry: dict[str, Any]):
+        """The shard of a manifest entry, or CacheError ("unreadable cache shard: ...")."""
+        path = root / entry["file"]
+        problem = file_problem(root, entry)  # before mapping it: a cut file would crash
+        try:
+            if problem is None:
+                self.file = safe_open(str(path), framework="pt")
+                meta = self.file.metadata() or {}
+                self.keys: list[str] = json.loads(meta["keys"])
+                self.captions: list[str] = json.loads(meta["captions"])
+                rows = self.file.get_slice("t5").get_shape()[0]
+                if rows != entry["samples"] or len(self.keys) != rows:
+                    said = entry["samples"]
+                    problem = f"{path.name} holds {rows} samples, the manifest says {said}"
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            problem = f"{path.name} cannot be read ({type(e).__name__})"
+        if problem is not None:
+            raise CacheError(f"{UNREADABLE}: {problem}")
 
     def sample(self, row: int) -> CachedSample:
         t5, clip, moments = (self.file.get_slice(name)[row : row + 1][0] for name in TENSORS)
@@ -207,12 +316,12 @@ class PrecomputedCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        shards = self.manifest["shards"]
-        self.files = [self.root / s["file"] for s in shards]
+        self.shards = self.manifest["shards"]
         self.starts = [0]
-        for s in shards:
+        for s in self.shards:
             self.starts.append(self.starts[-1] + s["samples"])
         self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._unreadable: dict[int, str] = {}  # shard -> why (its samples are skipped)
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -221,12 +330,23 @@ class PrecomputedCache:
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} of a cache of {len(self)}")
         s = bisect.bisect_right(self.starts, index) - 1
+        if s in self._unreadable:
+            raise CacheError(self._unreadable[s])
         if s not in self._open:
-            self._open[s] = _Shard(self.files[s])
+            try:
+                self._open[s] = _Shard(self.root, self.shards[s])
+            except CacheError as e:
+                self._unreadable[s] = str(e)
+                raise
             if len(self._open) > self.OPEN_SHARDS:
                 self._open.popitem(last=False)
         self._open.move_to_end(s)
-        return self._open[s].sample(index - self.starts[s])
+        try:
+            return self._open[s].sample(index - self.starts[s])
+        except (SafetensorError, OSError, IndexError) as e:
+            self._unreadable[s] = f"{UNREADABLE}: {self.shards[s]['file']} ({type(e).__name__})"
+            del self._open[s]
+            raise CacheError(self._unreadable[s]) from None
 
     def __getstate__(self) -> dict[str, Any]:
         # Dataloader workers get a copy without open files; each opens its own.

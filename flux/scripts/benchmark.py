@@ -3,8 +3,9 @@
     python -m flux.scripts.benchmark model [--hidden 1536 --heads 12 --double 2 --single 4
                                             --img-tokens 256 --txt-tokens 256 --rounds 10]
 
-    python -m flux.scripts.benchmark data [--source shapes|webdataset --img-size 256
-                                           --batch 8 --workers 2 --batches 50]
+    python -m flux.scripts.benchmark data [--img-size 256 512 --workers 0 1 2 --batch 16
+                                           --batches 12] [--source webdataset|shapes|imagefolder
+                                           --path DIR]
 
     python -m flux.scripts.benchmark step [--steps 10 --warmup 3] [--cache DIR | --compare]
                                           [--json] [trainer arguments]
@@ -12,11 +13,16 @@
     python -m flux.scripts.benchmark ema [--flavor flux-debug | --hidden 1024 --heads 8
                                           --double 4 --single 8] [--updates 10 --json]
 
+    python -m flux.scripts.benchmark checksum [--gib 1 | --path CHECKPOINT] [--json]
+
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
-`data`: samples/s of the data loader on one process (for `webdataset`, on shards of
-shapes images it writes to a temporary folder first, or on --path).
+`data`: samples/s of one rank's data loader (the training process and its workers) at each
+image size and worker count, in total and per worker, and the time one thread takes to turn
+a JPEG into a training image (with and without PIL's reduced-size decode). `webdataset`
+reads shards of --source-size-px photo-like JPEGs it writes to a temporary folder first, or
+those at --path.
 `step`: where the time of one training step of a config goes (trainer arguments, default
 flux/train_configs/debug_model.toml): data loading, text encoding, latent encoding, the
 transformer's forward+backward and the optimizer (clipping and the configured AdamW), the
@@ -29,6 +35,11 @@ of the config's data to a temporary folder and runs both, each in a process of i
 and per validation swap, with the average beside the weights and in host memory
 (cpu_offload: the weights are copied to a host buffer first; on a machine without a GPU
 that is a copy within host memory), beside the time one copy of the weights takes.
+`checksum`: what a checkpoint's checksums cost on one process (flux.checksums): the DCP
+save, writing the checksums after it (hashing files the save left in the page cache), and
+verifying them with the files in the page cache and after dropping them from it (read
+from the disk). On a temporary checkpoint of --gib GiB of float32 tensors, or on an
+existing checkpoint folder (--path; its checksums are rewritten).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -54,6 +66,7 @@ import torch
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.sampling import image_ids
+from flux.scripts.cli import Parser, fail, nonnegative_int, positive_float, positive_int
 
 
 def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
@@ -149,50 +162,153 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _write_shapes_shards(root: Path, shards: int, per_shard: int, img_size: int) -> None:
-    """Local webdataset shards of shapes images as JPEG, for the loader benchmark."""
-    from flux.data.shapes import shapes_sample
+def photo_like(rng: Any, side: int) -> Any:
+    """A side × side RGB image with a photo's JPEG cost: smooth colour fields and grain."""
+    import numpy as np
+    from PIL import Image
 
+    low = rng.integers(0, 256, (max(1, side // 32), max(1, side // 32), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((side, side), Image.Resampling.BICUBIC))
+    grain = rng.normal(0.0, 6.0, (side, side, 3))
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+
+
+def write_jpeg_shards(root: Path, shards: int, per_shard: int, side: int) -> list[bytes]:
+    """Webdataset shards of side-px photo-like JPEGs (quality 90) with captions; the JPEGs."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    jpegs = []
     for s in range(shards):
         with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
             for i in range(s * per_shard, (s + 1) * per_shard):
-                image, caption = shapes_sample(0, i, img_size)
                 buf = io.BytesIO()
-                image.save(buf, format="JPEG", quality=90)
-                for name, data in (
-                    (f"{i:08d}.jpg", buf.getvalue()),
-                    (f"{i:08d}.txt", caption.encode()),
-                ):
+                photo_like(rng, side).save(buf, format="JPEG", quality=90)
+                jpegs.append(buf.getvalue())
+                for name, data in ((f"{i:08d}.jpg", jpegs[-1]), (f"{i:08d}.txt", b"a photo")):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+    return jpegs
+
+
+def decode_ms(jpegs: list[bytes], img_size: int | None, target: int) -> float:
+    """Mean ms to turn one JPEG into a (3, target, target) uint8 tensor on this thread
+    (img_size None: decoded at full size, without PIL's draft)."""
+    from flux.data.transforms import image_to_tensor, load_image
+
+    start = time.perf_counter()
+    for data in jpegs:
+        image_to_tensor(load_image(data, img_size), target)
+    return 1e3 * (time.perf_counter() - start) / len(jpegs)
 
 
 def bench_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The loader's samples/s at each image size and worker count, and one image's decode."""
     from flux.data.dataloader import CaptionedImageLoader
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.path
+        path, jpegs = args.path, []
         if args.source == "webdataset" and path is None:
             path = Path(tmp)
-            total = (args.batches + 5) * args.batch
-            _write_shapes_shards(path, 8, -(-total // 8), max(args.img_size, 256))
-        loader = CaptionedImageLoader(
-            args.source, args.img_size, args.batch, path=path, num_workers=args.workers
-        )
-        it = iter(loader)
-        for _ in range(3):  # start the workers
-            next(it)
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            next(it)
-        elapsed = time.perf_counter() - start
+            jpegs = write_jpeg_shards(path, 8, args.images // 8, args.source_size)
+        runs, decode = [], {}
+        for img_size in args.img_size:
+            if jpegs:
+                decode[img_size] = {
+                    "draft_ms": decode_ms(jpegs[:16], img_size, img_size),
+                    "full_decode_ms": decode_ms(jpegs[:16], None, img_size),
+                }
+            for workers in args.workers:
+                loader = CaptionedImageLoader(
+                    args.source, img_size, args.batch, path=path, num_workers=workers
+                )
+                it = iter(loader)
+                for _ in range(2):  # start the workers, fill their queues
+                    next(it)
+                start = time.perf_counter()
+                for _ in range(args.batches):
+                    next(it)
+                rate = args.batches * args.batch / (time.perf_counter() - start)
+                runs.append(
+                    {
+                        "img_size": img_size,
+                        "workers": workers,
+                        "samples_per_s": rate,
+                        "samples_per_s_per_worker": rate / max(1, workers),
+                    }
+                )
+                del it, loader  # its workers end
     return {
         "source": args.source,
-        "img_size": args.img_size,
-        "workers": args.workers,
-        "samples_per_s": args.batches * args.batch / elapsed,
+        "source_size": args.source_size if jpegs else None,
+        "jpeg_kib": sum(len(j) for j in jpegs) / max(1, len(jpegs)) / 1024,
+        "cpus": len(os.sched_getaffinity(0)),
+        "batch": args.batch,
+        "decode": decode,
+        "runs": runs,
     }
+
+
+def data_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['source']} on {result['cpus']} CPUs, batch {result['batch']}"]
+    if result["source_size"]:
+        lines[0] += f": {result['source_size']}-px JPEGs ({result['jpeg_kib']:.0f} KiB each)"
+    for size, ms in result["decode"].items():
+        lines.append(
+            f"one JPEG to {size} px on one thread: {ms['draft_ms']:.1f} ms "
+            f"({ms['full_decode_ms']:.1f} ms decoding it at full size)"
+        )
+    lines.append(f"{'img_size':>8} {'workers':>8} {'samples/s':>10} {'per worker':>11}")
+    for run in result["runs"]:
+        lines.append(
+            f"{run['img_size']:>8} {run['workers']:>8} {run['samples_per_s']:>10.1f} "
+            f"{run['samples_per_s_per_worker']:>11.1f}"
+        )
+    return "\n".join(lines)
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the folder's (written, synced) files, so the next read
+    comes from the disk."""
+    import os
+
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def bench_checksum(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to save, seal (hash + write the checksums) and verify a checkpoint folder."""
+    from flux.checkpoint import checkpoint_problem, seal
+    from flux.weights import save_dcp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        times: dict[str, float] = {}
+        folder = args.path
+        if folder is None:
+            folder = Path(tmp) / "step-1"
+            n = int(args.gib * 2**30 / 4 / 2**20)  # tensors of 1 Mi float32 values
+            state = {f"layer{i}.weight": torch.randn(2**20) for i in range(n)}
+            start = time.perf_counter()
+            save_dcp(state, folder)  # DCP's save, then the checksums
+            times["save_and_seal_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        seal(folder, rank=0)
+        times["seal_s"] = time.perf_counter() - start
+        for key in ("verify_cached_s", "verify_from_disk_s"):
+            if key == "verify_from_disk_s":
+                drop_from_page_cache(folder)
+            start = time.perf_counter()
+            problem = checkpoint_problem(folder)
+            times[key] = time.perf_counter() - start
+            if problem is not None:
+                raise ValueError(f"{folder} {problem}")
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    rates = {f"{k[:-2]}_gb_per_s": size / 1e9 / v for k, v in times.items()}
+    return {"path": str(args.path or f"temporary, {args.gib} GiB"), "bytes": size, **times, **rates}
 
 
 A100_PEAK_FLOPS = 312e12  # bf16 dense; get_peak_flops' answer for a GPU it does not know
@@ -465,34 +581,38 @@ def bench_ema(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     model = sub.add_parser("model", help="FluxModel vs diffusers, forward+backward")
-    model.add_argument("--hidden", type=int, default=1536)
-    model.add_argument("--heads", type=int, default=12)
-    model.add_argument("--double", type=int, default=2)
-    model.add_argument("--single", type=int, default=4)
-    model.add_argument("--img-tokens", type=int, default=256)
-    model.add_argument("--txt-tokens", type=int, default=256)
-    model.add_argument("--batch", type=int, default=1)
-    model.add_argument("--rounds", type=int, default=10)
-    model.add_argument("--warmup", type=int, default=2)
+    model.add_argument("--hidden", type=positive_int, default=1536)
+    model.add_argument("--heads", type=positive_int, default=12)
+    model.add_argument("--double", type=positive_int, default=2)
+    model.add_argument("--single", type=positive_int, default=4)
+    model.add_argument("--img-tokens", type=positive_int, default=256)
+    model.add_argument("--txt-tokens", type=positive_int, default=256)
+    model.add_argument("--batch", type=positive_int, default=1)
+    model.add_argument("--rounds", type=positive_int, default=10)
+    model.add_argument("--warmup", type=nonnegative_int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
     data = sub.add_parser("data", help="data loader throughput")
     data.add_argument("--source", default="shapes", choices=["shapes", "webdataset", "imagefolder"])
     data.add_argument("--path", type=Path, default=None)
-    data.add_argument("--img-size", type=int, default=256)
-    data.add_argument("--batch", type=int, default=8)
-    data.add_argument("--workers", type=int, default=2)
-    data.add_argument("--batches", type=int, default=50)
+    data.add_argument("--img-size", type=positive_int, default=256)
+    data.add_argument("--batch", type=positive_int, default=8)
+    data.add_argument("--workers", type=nonnegative_int, default=2)
+    data.add_argument("--batches", type=positive_int, default=50)
     data.add_argument("--json", action="store_true", help="print one JSON object")
+    checksum = sub.add_parser("checksum", help="the cost of a checkpoint's checksums")
+    checksum.add_argument("--gib", type=positive_float, default=1.0, help="temporary size")
+    checksum.add_argument("--path", type=Path, default=None, help="a checkpoint folder")
+    checksum.add_argument("--json", action="store_true", help="print one JSON object")
     step = sub.add_parser(
         "step",
         help="where a training step's time goes (other arguments: the trainer's)",
         description="Other arguments are the trainer's: --job.config_file, --training.*, ...",
     )
-    step.add_argument("--steps", type=int, default=10, help="timed steps")
-    step.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    step.add_argument("--steps", type=positive_int, default=10, help="timed steps")
+    step.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps first")
     step.add_argument("--cache", type=Path, default=None, help="a precomputed cache to train on")
     step.add_argument(
         "--compare", action="store_true", help="precompute a temporary cache; run both"
@@ -510,7 +630,18 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "step":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    for name in ("path", "cache"):
+        folder = getattr(args, name, None)
+        if folder is not None and not folder.is_dir():
+            parser.error(f"--{name} {folder} is not a folder")
+    try:
+        run(parser, args, argv, rest)
+    except (ValueError, OSError) as e:  # ConfigError, CacheError, WeightsError: one line
+        fail("benchmark", e)
 
+
+def run(parser: Parser, args: argparse.Namespace, argv: list[str], rest: list[str]) -> None:
+    """Run the benchmark the command names and print its result."""
     if args.command == "step":
         from flux.config import DEBUG_CONFIG, config_file_arg
 
@@ -545,14 +676,19 @@ def main(argv: list[str] | None = None) -> None:
                 f"swap in and out {r['swap_in_and_out_ms']:9.2f} ms"
             )
         return
-    if args.command == "data":
-        result = bench_data(args)
+    if args.command == "checksum":
+        result = bench_checksum(args)
         print(
             json.dumps(result)
             if args.json
-            else f"{result['source']} {result['img_size']}px, {result['workers']} workers: "
-            f"{result['samples_per_s']:.1f} samples/s"
+            else "\n".join(
+                f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()
+            )
         )
+        return
+    if args.command == "data":
+        result = bench_data(args)
+        print(json.dumps(result) if args.json else data_table(result))
         return
     result = bench_model(args)
     if args.json:

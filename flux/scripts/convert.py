@@ -9,20 +9,24 @@ to-flux writes one .safetensors with the published FLUX.1 names and layout (what
 reference code and diffusers' FluxTransformer2DModel.from_single_file read), from a
 trainer checkpoint folder saved on any number of processes; with --ema, of the average of
 the weights the run kept ([ema] enable) instead of its weights. from-flux writes a model-only
-DCP checkpoint folder; start training from it with
+DCP checkpoint folder (with its checksums); start training from it with
 `--checkpoint.enable --checkpoint.initial_load_path checkpoints/schnell-init`
 (to continue training FLUX.1-schnell, say).
+
+The input is checked before anything is written: names and shapes against --flavor, a
+checkpoint folder against its checksums, and the values for NaN and infinity (written
+anyway only with --allow_nonfinite, which says what it wrote).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
+from flux.scripts.cli import Parser
 from flux.weights import DTYPES, WeightsError, read_weights, save_dcp, save_safetensors
 
 
@@ -32,8 +36,8 @@ def meta_model(flavor: str) -> FluxModel:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="direction", required=True)
+    p = Parser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="direction", required=True, parser_class=Parser)
     to_flux = sub.add_parser("to-flux", help="trainer checkpoint -> FLUX.1 .safetensors")
     to_flux.add_argument("checkpoint", help="a checkpoint/step-N folder")
     to_flux.add_argument("out", help="the .safetensors file to write")
@@ -46,19 +50,35 @@ def main(argv: list[str] | None = None) -> None:
     from_flux.add_argument("out", help="a new folder for the DCP checkpoint")
     for sp in (to_flux, from_flux):
         sp.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
+        sp.add_argument(
+            "--allow_nonfinite",
+            action="store_true",
+            help="write weights that hold NaN or infinity (refused otherwise)",
+        )
     args = p.parse_args(argv)
+    source = args.checkpoint if args.direction == "to-flux" else args.weights
     try:
         model = meta_model(args.flavor)
+        average = args.direction == "to-flux" and args.ema
+        state = read_weights(source, model, average, allow_nonfinite=args.allow_nonfinite)
+        nonfinite = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if args.direction == "to-flux":
-            state = read_weights(args.checkpoint, model, average=args.ema)
             save_safetensors(state, args.out, args.dtype)
         else:
-            state = read_weights(args.weights, model)
             save_dcp(state, args.out)
     except WeightsError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"convert: error: cannot write {args.out} ({e.strerror or e})", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.out} ({len(state)} tensors)")
+    if nonfinite:
+        print(
+            f"convert: warning: {len(nonfinite)} tensors hold NaN or infinity "
+            f"(--allow_nonfinite), e.g. {nonfinite[0]}",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import flux
 from flux.model.args import flux_configs
 from flux.model.autoencoder import load_ae
 from flux.model.text_encoders import CLIP_HUB_ID, T5_HUB_ID
+from flux.scripts.cli import Parser
 
 DEFAULT_OUT = Path(flux.__file__).parent / "assets" / "autoencoder" / "ae.safetensors"
 TOKENS_PAGE = "https://huggingface.co/settings/tokens"
@@ -200,7 +201,7 @@ def download_encoders(root: Path, token: str | None) -> dict[str, Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Download the FLUX.1 autoencoder and, optionally, the T5/CLIP encoders."
     )
     parser.add_argument(
@@ -232,6 +233,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.skip_ae and args.encoders is None:
         parser.error("--skip_ae leaves nothing to do without --encoders DIR")
+    if args.ae_path.startswith(("/", "./", "../", "~")) or "\\" in args.ae_path:
+        parser.error(
+            f"--ae_path {args.ae_path} looks like a local path, but it is the file's name in "
+            f"{args.repo_id} (e.g. ae.safetensors): to put the file there, give "
+            f"--out {args.ae_path}"
+        )
+    for name, path in (("--out", args.out.parent), ("--encoders", args.encoders)):
+        if path is not None and path.exists() and not path.is_dir():
+            parser.error(f"{name}: {path} is a file, not a folder")
     return args
 
 

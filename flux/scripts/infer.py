@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torchtitan.config import TORCH_DTYPE_MAP
 
 from flux.config import resolve_path
@@ -31,11 +31,13 @@ from flux.model.autoencoder import load_ae
 from flux.model.model import FluxModel
 from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
 from flux.sampling import check_image_size
-from flux.weights import DTYPES, holds_average, load_weights
+from flux.scripts.cli import Parser, fail, nonnegative_float, nonnegative_int, positive_int
+from flux.seam import quiet
+from flux.weights import DTYPES, check_weights, holds_average, load_weights
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint/step-N folder or .safetensors")
     p.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
     p.add_argument(
@@ -47,11 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", nargs="*", default=[], help="prompts (or --prompts_file)")
     p.add_argument("--prompts_file", help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs/images", help="folder the PNGs are written to")
-    p.add_argument("--size", type=int, default=64, help="height and width, a multiple of 16")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--cfg_scale", type=float, default=4.0, help="1 disables CFG")
+    p.add_argument(
+        "--size", type=positive_int, default=64, help="height and width, a multiple of 16"
+    )
+    p.add_argument("--steps", type=positive_int, default=20, help="Euler steps")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--batch_size", type=positive_int, default=4)
+    p.add_argument("--cfg_scale", type=nonnegative_float, default=4.0, help="1 disables CFG")
     p.add_argument(
         "--schedule",
         choices=["dev", "schnell"],
@@ -61,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=3.5, help="guidance-embedding input")
     p.add_argument("--t5", default="t5-debug", help="T5 hub id, local folder or t5-debug")
     p.add_argument("--clip", default="clip-debug", help="CLIP hub id, local folder or clip-debug")
-    p.add_argument("--max_t5_len", type=int, default=None, help="default: the flavor's")
+    p.add_argument("--max_t5_len", type=positive_int, default=None, help="default: the flavor's")
     p.add_argument("--autoencoder", default="flux/assets/autoencoder-debug/ae.safetensors")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +78,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise ValueError(f"prompts file {path} not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"prompts file {path} cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"prompts file {path} is not UTF-8 text") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompts: give --prompts TEXT ... or --prompts_file FILE")
     return prompts
@@ -85,17 +95,25 @@ def run(args: argparse.Namespace) -> list[Path]:
     check_image_size(args.size, "--size")
     model_args = flux_configs[args.flavor]
     device, dtype = torch.device(args.device), TORCH_DTYPE_MAP[args.dtype]
-    model = FluxModel(model_args)
     if args.ema is None:
         args.ema = holds_average(args.checkpoint)
-    load_weights(args.checkpoint, model, average=args.ema)
+    with torch.device("meta"):  # the weights must fit the flavor before it is built
+        check_weights(args.checkpoint, FluxModel(model_args), average=args.ema)
+    model = FluxModel(model_args)
+    load_weights(args.checkpoint, model, average=args.ema, checked=True)
     print(f"sampling {'the average of the weights (EMA)' if args.ema else 'the weights'}")
     model = model.to(device, dtype).eval()
     max_len = args.max_t5_len or model_args.txt_seq_len
-    t5 = TextEncoder("t5", args.t5, max_len, dtype).to(device)
-    clip = TextEncoder("clip", args.clip, CLIP_MAX_LENGTH, dtype).to(device)
+    try:
+        t5 = TextEncoder("t5", args.t5, max_len, dtype).to(device)
+        clip = TextEncoder("clip", args.clip, CLIP_MAX_LENGTH, dtype).to(device)
+    except OSError as e:  # the message names the encoder's --t5 / --clip value
+        raise ValueError(str(e)) from None
     ae_path = resolve_path(args.autoencoder)
-    ae = load_ae(ae_path, model_args.autoencoder_params, device).to(dtype)
+    try:
+        ae = load_ae(ae_path, model_args.autoencoder_params, device).to(dtype)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"--autoencoder {ae_path}: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -145,11 +163,11 @@ def png_info(prompt: str, seed: int, args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet(torch.device(args.device).type)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as e:  # WeightsError is a ValueError
-        print(f"infer: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (OSError, ValueError, SafetensorError) as e:  # WeightsError is a ValueError
+        fail("infer", e)
 
 
 if __name__ == "__main__":

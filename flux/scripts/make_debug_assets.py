@@ -126,11 +126,10 @@ def make_clip(out: Path, hidden: int) -> None:
 
 def shapes_pool(count: int, img_size: int) -> torch.Tensor:
     from flux.data.shapes import shapes_sample
-    from flux.data.transforms import image_to_tensor
+    from flux.data.transforms import device_images, image_to_tensor
 
-    return torch.stack(
-        [image_to_tensor(shapes_sample(1, i, img_size)[0], img_size) for i in range(count)]
-    )
+    pixels = [image_to_tensor(shapes_sample(1, i, img_size)[0], img_size) for i in range(count)]
+    return device_images(torch.stack(pixels), "cpu")
 
 
 POSTERIOR_STD = 0.05  # the debug autoencoder's fixed posterior noise (see make_autoencoder)

@@ -15,8 +15,11 @@ too. See flux/data/precomputed.py for the layout.
 
 Processes share nothing: process r of W (RANK and WORLD_SIZE, as torchrun sets them, or
 --rank/--world_size) writes its own shards, each whole under a temporary name and then
-renamed. Run the same command again after an interruption: existing shards are kept, the
-rest written, and whichever process finishes last writes manifest.json. Indexed sources
+renamed, then reads each back and records its size and checksum beside it. Run the same
+command again after an interruption: existing whole shards are kept, the rest written, and
+whichever process finishes last writes manifest.json (sizes and checksums included). Each
+process prints what it skipped, by kind; the last one the cache's totals. A cache without
+a single sample is not finished: the command fails instead. Indexed sources
 (shapes, imagefolder): shard s holds samples [s·S, (s+1)·S) of the source's own order and
 belongs to process s mod W, so a restart may use another number of processes. Streamed
 sources (webdataset, cc12m-wds): process r reads its share of the stream once, and resumes
@@ -32,14 +35,17 @@ import itertools
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader, Dataset
 from torchtitan.config import JobConfig
 
+from flux.checksums import file_entry
 from flux.config import (
     DEBUG_CONFIG,
     ConfigError,
@@ -49,7 +55,6 @@ from flux.config import (
     parse_config,
 )
 from flux.data.dataset import CaptionedImages, Sample, split_seed
-from flux.data.imagefolder import BadSample
 from flux.data.precomputed import (
     FORMAT,
     MANIFEST,
@@ -57,13 +62,19 @@ from flux.data.precomputed import (
     TENSORS,
     TEXTS,
     CacheError,
+    is_sealed,
+    seal_shard,
+    shard_entry,
     shard_metadata,
-    shard_size,
     write_json,
     write_shard,
 )
+from flux.data.skips import BadSample
+from flux.data.transforms import device_images
 from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders
 from flux.model.args import flux_configs
+from flux.scripts.cli import Parser, fail, nonnegative_int, positive_int
+from flux.seam import quiet
 from flux.train_spec import encoder_settings
 
 STREAMED = ("webdataset", "cc12m-wds")
@@ -89,7 +100,7 @@ class Encoders:
     @torch.no_grad()
     def samples(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """t5 (B, L, D_t5), clip (B, D_clip), moments (B, 2C, h, w) on the CPU."""
-        images = torch.stack([s.image for s in samples]).to(self.device, self.dtype)
+        images = device_images(torch.stack([s.image for s in samples]), self.device, self.dtype)
         moments = self.autoencoder.encoder(images).cpu()
         return {**self.texts([s.caption for s in samples]), "moments": moments}
 
@@ -104,6 +115,7 @@ class ShardWriter:
         self.keys: list[str] = []
         self.captions: list[str] = []
         self.skipped: list[str] = []  # "key: reason"
+        self.skipped_kinds: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -114,6 +126,10 @@ class ShardWriter:
         self.captions.append(sample.caption)
         if len(self.pending) == self.batch_size:
             self._encode()
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped.append(f"{where}: {reason}")
+        self.skipped_kinds[kind_of(reason)] += 1
 
     def _encode(self) -> None:
         if self.pending:
@@ -131,8 +147,15 @@ class ShardWriter:
             "captions": self.captions,
             "skipped": self.skipped,  # "key: reason" (streams: the latest few)
             "skipped_count": len(self.skipped),
+            "skipped_kinds": dict(self.skipped_kinds),
         }
         write_shard(path, tensors, {**meta, **metadata})
+        seal_shard(path)  # read back: a shard that does not read whole fails here
+
+
+def kind_of(reason: str) -> str:
+    """The kind of a skip from its reason ("undecodable image: ..."), as the reader counts."""
+    return reason.split(":")[0]
 
 
 class IndexedShards(Dataset):
@@ -145,12 +168,12 @@ class IndexedShards(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, position: int) -> tuple[int, Sample | str]:
+    def __getitem__(self, position: int) -> tuple[int, Sample | tuple[str, str]]:
         shard, index = self.entries[position]
         try:
             sample = self.source.sample(index)
         except (BadSample, ValueError) as e:
-            return shard, f"{self.source.key(index)}: {e}"
+            return shard, (self.source.key(index), str(e))
         assert isinstance(sample, Sample)
         return shard, sample
 
@@ -217,19 +240,35 @@ def start(root: Path, plan: dict[str, Any]) -> None:
         )
 
 
+@dataclasses.dataclass
+class Written:
+    """What a process wrote: shards, samples, and the samples it skipped, by kind."""
+
+    shards: int = 0
+    samples: int = 0
+    skipped: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def __add__(self, other: Written) -> Written:
+        return Written(
+            self.shards + other.shards, self.samples + other.samples, self.skipped + other.skipped
+        )
+
+
 def write_indexed(
     root: Path,
     plan: dict[str, Any],
     reader: CaptionedImages,
     args: argparse.Namespace,
     encoders: Callable[[], Encoders],
-) -> int:
-    """This process's shards of an indexed source that are not written yet; returns how many."""
+) -> Written:
+    """This process's shards of an indexed source that are not written yet; returns what it
+    wrote."""
     size, total = plan["shard_size"], plan["num_samples"]
     count = -(-total // size)
-    todo = [s for s in range(args.rank, count, args.world_size) if not shard_path(root, s).exists()]
+    mine = range(args.rank, count, args.world_size)
+    todo = [s for s in mine if not is_sealed(shard_path(root, s))]
     if not todo:
-        return 0
+        return Written()
     loader = DataLoader(
         IndexedShards(reader, todo, size, total),
         batch_size=args.batch_size,
@@ -238,16 +277,23 @@ def write_indexed(
     )
     items = iter(loader)  # workers start before the encoders are built: they hold none
     writer, current = ShardWriter(encoders(), args.batch_size), todo[0]
+    done = Written()
     for shard, item in itertools.chain.from_iterable(items):
         if shard != current:
-            writer.write(shard_path(root, current))
+            done += written(writer, shard_path(root, current))
             writer, current = ShardWriter(encoders(), args.batch_size), shard
-        if isinstance(item, str):
-            writer.skipped.append(item)
+        if isinstance(item, tuple):
+            writer.skip(*item)
         else:
             writer.add(item)
-    writer.write(shard_path(root, current))
-    return len(todo)
+    done += written(writer, shard_path(root, current))
+    return done
+
+
+def written(writer: ShardWriter, path: Path, **metadata: Any) -> Written:
+    """Write the writer's shard; what it holds."""
+    writer.write(path, **metadata)
+    return Written(1, len(writer), Counter(writer.skipped_kinds))
 
 
 def write_streamed(
@@ -256,36 +302,41 @@ def write_streamed(
     reader: CaptionedImages,
     args: argparse.Namespace,
     encoders: Callable[[], Encoders],
-) -> int:
-    """This process's share of a stream, from where its last shard ended; returns how many
-    shards it wrote."""
+) -> Written:
+    """This process's share of a stream, from where its last shard ended; returns what it
+    wrote (see `written`)."""
     if done_path(root, args.rank).exists():
-        return 0
-    assert reader.stream is not None
-    written = sorted(root.glob(f"shard-r{args.rank:04d}-*.safetensors"))
+        return Written()
+    assert reader.streamed
+    before = sorted(root.glob(f"shard-r{args.rank:04d}-*.safetensors"))
+    if before and not is_sealed(before[-1]):  # stopped between writing and sealing it
+        before.pop().unlink()
     consumed = 0
-    if written:
-        last = shard_metadata(written[-1])
-        reader.stream.load_state_dict(last["stream"])
+    if before:
+        last = shard_metadata(before[-1])
+        reader.load_state_dict(last["stream"])
         consumed = last["consumed"]
     total = plan["num_samples"]
     samples = reader.one_pass()
     if total is not None:
         share = total // args.world_size + int(args.rank < total % args.world_size)
         samples = itertools.islice(samples, max(0, share - consumed))
-    shard, writer = len(written), ShardWriter(encoders(), args.batch_size)
-    skips = 0
+    shard, writer = len(before), ShardWriter(encoders(), args.batch_size)
+    skips: Counter[str] = Counter()
+    done = Written()
 
     def flush() -> None:
-        nonlocal skips
-        assert reader.stream is not None
-        new = sum(reader.skipped.values()) - skips
-        skips += new
-        writer.skipped = list(reader.skip_examples)[-new:] if new else []
-        writer.write(
+        nonlocal skips, done
+        assert reader.streamed
+        new = Counter(reader.skipped) - skips
+        skips = Counter(reader.skipped)
+        writer.skipped = list(reader.skip_examples)[-new.total() :] if new else []
+        writer.skipped_kinds = new
+        done += written(
+            writer,
             shard_path(root, shard, args.rank),
-            skipped_count=new,
-            stream=reader.stream.state_dict(),  # just after the shard's last sample
+            skipped_count=new.total(),
+            stream=reader.state_dict(),  # just after the shard's last sample
             consumed=consumed,
         )
 
@@ -296,15 +347,16 @@ def write_streamed(
         if len(writer) == plan["shard_size"]:
             flush()
             shard, writer = shard + 1, ShardWriter(encoders(), args.batch_size)
-    if len(writer) or sum(reader.skipped.values()) > skips:
+    if len(writer) or Counter(reader.skipped) != skips:
         flush()
         shard += 1
     write_json(done_path(root, args.rank), {"shards": shard, "samples": consumed})
-    return shard - len(written)
+    return done
 
 
 def finish(root: Path, plan: dict[str, Any]) -> bool:
-    """Write the manifest if every shard is written (by any process); whether it exists."""
+    """Write the manifest if every shard is written (by any process); whether it exists.
+    A cache without samples is refused (CacheError) instead."""
     if (root / MANIFEST).exists():
         return True
     processes = plan["stream_processes"]
@@ -322,12 +374,25 @@ def finish(root: Path, plan: dict[str, Any]) -> bool:
             for r, d in enumerate(done)
             for s in range(json.loads(d.read_text())["shards"])
         ]
-    sizes = [shard_size(f) for f in files]
-    shards = [{"file": f.name, "samples": n} for f, n in zip(files, sizes)]
-    skipped = sum(shard_metadata(f)["skipped_count"] for f in files)
-    samples = sum(sizes)
-    write_json(root / MANIFEST, {**plan, "samples": samples, "skipped": skipped, "shards": shards})
+    shards = [shard_entry(f) for f in files]
+    metas = [shard_metadata(f) for f in files]
+    skipped = sum(m["skipped_count"] for m in metas)
+    kinds = sum((Counter(m.get("skipped_kinds", {})) for m in metas), Counter())
+    samples = sum(s["samples"] for s in shards)
+    if samples == 0:
+        raise CacheError(
+            f"no usable sample in the source: all {skipped} were skipped ({describe(kinds)}), "
+            f"so {root} is not finished; fix the data or give another source"
+        )
+    texts = {"file": TEXTS, **file_entry(root / TEXTS)}
+    manifest = {**plan, "samples": samples, "skipped": skipped, "skipped_kinds": dict(kinds)}
+    write_json(root / MANIFEST, {**manifest, "texts_file": texts, "shards": shards})
+    print(f"{root}: finished with {samples} samples; {skipped} skipped ({describe(kinds)})")
     return True
+
+
+def describe(kinds: Counter[str]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) or "none"
 
 
 def device() -> torch.device:
@@ -348,30 +413,40 @@ def precompute(job: JobConfig, args: argparse.Namespace) -> bool:
         return True
     encoders = functools.cache(lambda: Encoders(job, device()))  # built if there is work
     write = write_streamed if plan["stream_processes"] else write_indexed
-    written = write(root, plan, reader, args, encoders)
+    done = write(root, plan, reader, args, encoders)
     if not (root / TEXTS).exists():
         texts = plan["texts"]
         meta = {"texts": texts}
         write_shard(root / TEXTS, encoders().texts(texts), meta, tmp_suffix=str(os.getpid()))
+    print(
+        f"{root}: process {args.rank} of {args.world_size} wrote {done.shards} shards of "
+        f"{done.samples} samples; skipped {done.skipped.total()} ({describe(done.skipped)})"
+    )
     finished = finish(root, plan)
-    state = "the cache is finished" if finished else "other processes' shards are still missing"
-    print(f"{root}: process {args.rank} of {args.world_size} wrote {written} shards; {state}")
+    if not finished:
+        print(f"{root}: other processes' shards are still missing")
     return finished
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, required=True, help="the cache folder")
     p.add_argument(
-        "--num_samples", type=int, help="samples to encode (required for shapes; else a cap)"
+        "--num_samples",
+        type=positive_int,
+        help="samples to encode (required for shapes; else a cap)",
     )
     p.add_argument("--split", choices=["training", "validation"], default="training")
-    p.add_argument("--shard_size", type=int, default=256, help="samples per shard file")
-    p.add_argument("--batch_size", type=int, default=32, help="samples per encoder call")
-    p.add_argument("--workers", type=int, default=2, help="image-loading processes (indexed)")
-    p.add_argument("--rank", type=int, default=int(os.environ.get("RANK", "0")))
-    p.add_argument("--world_size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    p.add_argument("--shard_size", type=positive_int, default=256, help="samples per shard file")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="samples per encoder call")
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=2, help="image-loading processes (indexed)"
+    )
+    p.add_argument("--rank", type=nonnegative_int, default=os.environ.get("RANK", "0"))
+    p.add_argument("--world_size", type=positive_int, default=os.environ.get("WORLD_SIZE", "1"))
     args, rest = p.parse_known_args(argv)
+    if args.output.exists() and not args.output.is_dir():
+        p.error(f"--output {args.output} is a file: give a folder for the cache")
     if not 0 <= args.rank < args.world_size:
         p.error(f"--rank {args.rank} is outside --world_size {args.world_size}")
     if config_file_arg(rest) is None:
@@ -381,13 +456,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(sys.argv[1:] if argv is None else argv)
+    quiet(device().type)
     try:
         job = parse_config(rest)
         check_config(job, parallelism=False)
         precompute(job, args)
-    except (ConfigError, CacheError) as e:
-        print(f"flux: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except (ConfigError, CacheError, OSError, ValueError, SafetensorError) as e:
+        fail("flux", e)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,83 @@ def test_the_manifest_records_the_settings_and_the_source(cache) -> None:
     assert manifest["settings"]["max_t5_encoding_len"] == 16
     assert manifest["texts"][0] == ""
     assert PrecomputedCache(cache)[SAMPLES - 1].t5.dtype == torch.float32
+
+
+def copy_of(cache: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    return copy
+
+
+def on(cache: Path) -> tuple[str, ...]:
+    return ("--training.dataset", "precomputed", "--training.dataset_path", str(cache))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (
+            lambda c: (c / "shard-000001.safetensors").unlink(),
+            "shard-000001.safetensors is missing",
+        ),
+        (
+            lambda c: (c / "shard-000002.safetensors").write_bytes(b"x" * 100),
+            "shard-000002.safetensors is 100 bytes, the manifest says",
+        ),
+        (lambda c: (c / "texts.safetensors").unlink(), "texts.safetensors is missing"),
+    ],
+)
+def test_a_cache_with_a_lost_file_is_refused_at_start_up_in_one_line(
+    cache, tmp_path, damage, expected
+) -> None:
+    copy = copy_of(cache, tmp_path)
+    damage(copy)
+    with pytest.raises(ConfigError) as error:
+        job(*on(copy))
+    message = str(error.value)
+    assert "\n" not in message and expected in message, message
+    assert "run the precompute command again" in message
+
+
+def test_a_shard_corrupted_after_start_up_is_skipped_and_counted(cache, tmp_path) -> None:
+    copy = copy_of(cache, tmp_path)
+    dataset = CaptionedImages("precomputed", 64, path=copy)
+    shard = copy / "shard-000001.safetensors"  # samples 8..15
+    shard.write_bytes(bytes(shard.stat().st_size))  # same size, header gone
+    read = keys(dataset, SAMPLES - 8)
+    assert sorted(read, key=int) == [str(i) for i in range(SAMPLES) if not 8 <= i < 16]
+    order = keys(CaptionedImages("precomputed", 64, path=cache), SAMPLES)
+    passed = order[: order.index(read[-1])]  # the epoch up to the last sample read
+    assert dataset.skipped == {"unreadable cache shard": sum(8 <= int(k) < 16 for k in passed)}
+    assert "shard-000001.safetensors cannot be read" in dataset.skip_report()
+
+
+def test_a_cache_without_samples_is_refused(cache, tmp_path) -> None:
+    copy = copy_of(cache, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "samples": 0, "shards": []}))
+    with pytest.raises(ConfigError, match="holds no samples"):
+        job(*on(copy))
+
+
+def test_a_cache_made_before_checksums_still_loads_without_its_sizes_checked(
+    cache, tmp_path
+) -> None:
+    copy = copy_of(cache, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["texts_file"]
+    manifest["shards"] = [{"file": s["file"], "samples": s["samples"]} for s in manifest["shards"]]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for sums in copy.glob("*.sum.json"):
+        sums.unlink()
+    job(*on(copy))
+    assert len(keys(CaptionedImages("precomputed", 64, path=copy), SAMPLES)) == SAMPLES
+
+
+def test_the_manifest_records_each_shards_size_and_checksum(cache) -> None:
+    from flux.checksums import file_digest
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for entry in [manifest["texts_file"], *manifest["shards"]]:
+        path = cache / entry["file"]
+        assert entry["bytes"] == path.stat().st_size and entry["digest"] == file_digest(path)

@@ -17,7 +17,7 @@ from flux.data import precomputed
 from flux.data.precomputed import shard_metadata
 from flux.data.shapes import shape_spec
 from tests.caches import make_cache
-from tests.data.test_webdataset import make_shards
+from tests.data.tars import make_shards, record, write_tar
 from tests.launch import ROOT, run_train
 
 
@@ -97,6 +97,9 @@ def test_a_stream_is_precomputed_once_across_processes_and_an_interruption(
     tmp_path, monkeypatch
 ) -> None:
     data = make_shards(tmp_path / "tars", 3, 6)
+    # A caption that is not UTF-8: a counted skip, not a dead run.
+    latin1 = [("0000x.png", record(0)[0][1]), ("0000x.txt", "caf\xe9".encode("latin-1"))]
+    write_tar(data / "shard-003.tar", [*latin1, *record(18)])
     root = tmp_path / "cache"
     args = (
         *("--training.dataset", "webdataset", "--training.dataset_path", str(data)),
@@ -111,7 +114,9 @@ def test_a_stream_is_precomputed_once_across_processes_and_an_interruption(
     make_cache(root, 100, *args, "--rank", "0")
     keys = cached_keys(root)
     expected = [f"shard-{s:03d}.tar:{i:05d}" for s in range(3) for i in range(6 * s, 6 * s + 6)]
-    assert sorted(keys) == expected
+    assert sorted(keys) == [*expected, "shard-003.tar:00018"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["skipped"] == 1
 
 
 def test_a_restart_with_other_settings_is_refused(tmp_path, capsys) -> None:
@@ -120,6 +125,46 @@ def test_a_restart_with_other_settings_is_refused(tmp_path, capsys) -> None:
         make_cache(root, 6, "--encoder.max_t5_encoding_len", "32")
     errors = [line for line in capsys.readouterr().err.splitlines() if "flux: error:" in line]
     assert len(errors) == 1 and "started with other settings" in errors[0], errors
+
+
+def folder_with_bad_files(root: Path, good: int) -> Path:
+    """An imagefolder of `good` usable images and 3 bad files, one of each kind."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for i in range(good):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(root / f"good{i}.png")
+        (root / f"good{i}.txt").write_text(f"a red square number {i}")
+    (root / "bad0.png").write_bytes(b"not an image")
+    (root / "bad0.txt").write_text("an undecodable image")
+    Image.new("RGB", (32, 32)).save(root / "bad1.png")
+    (root / "bad1.txt").write_text("  ")  # an empty caption
+    Image.new("RGB", (32, 32)).save(root / "bad2.png")  # no caption at all
+    return root
+
+
+def test_precompute_counts_every_bad_file_it_skipped(tmp_path, capsys) -> None:
+    folder = folder_with_bad_files(tmp_path / "images", good=4)
+    source = ("--training.dataset", "imagefolder", "--training.dataset_path", str(folder))
+    root = make_cache(tmp_path / "cache", 100, *source, "--shard_size", "3")
+    out = capsys.readouterr().out
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert (manifest["samples"], manifest["skipped"]) == (4, 3)
+    kinds = manifest["skipped_kinds"]
+    assert sum(kinds.values()) == 3 and kinds["undecodable image"] == 1, kinds
+    assert "wrote 3 shards of 4 samples; skipped 3 (" in out
+    assert "finished with 4 samples; 3 skipped (" in out
+
+
+def test_a_source_without_a_usable_sample_is_refused_in_one_line(tmp_path, capsys) -> None:
+    folder = folder_with_bad_files(tmp_path / "images", good=0)
+    source = ("--training.dataset", "imagefolder", "--training.dataset_path", str(folder))
+    with pytest.raises(SystemExit) as exit_:
+        make_cache(tmp_path / "cache", 100, *source)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert "no usable sample in the source: all 3 were skipped" in err
+    assert not (tmp_path / "cache" / "manifest.json").exists()
 
 
 TRAIN = ("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4")
