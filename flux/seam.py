@@ -27,6 +27,11 @@ upgrade fails there, loudly, rather than in a run.
   `found_inf` tensor torch.amp.GradScaler hands them is nonzero (their step reads it from
   the optimizer and passes it to the private `_fused_adam`); no public API takes a
   device-side "skip" otherwise, and reading the verdict on the host would wait for the step.
+- The planner (flux.plan) builds meshes on the CPU for a fake process group on any machine
+  (torchtitan's ParallelDims reads the module's `device_type`), reads a DTensor's local
+  storage without the autograd view `to_local` makes, marks DTensor's sharding propagation
+  (which reruns each op on global shapes, through the same dispatch modes: no rank's work)
+  and lists the storages an op touched with FSDP's memory tracker's private helper.
 - The EMA of the weights (flux.ema) gives DCP its shards as DTensors over tensors where
   they are: `DTensor.from_local` would move a host-memory average to the mesh's device (all
   of it, at every save); FSDP's CPU offload builds its parameters the same private way.
@@ -86,6 +91,9 @@ PINNED = {
         "use_strided_shard_as_shard_order=None)"
     ),
     "torch.distributed.tensor._dtensor_spec.TensorMeta": "(shape, stride, dtype)",
+    "torch.distributed.tensor._sharding_prop.ShardingPropagator"
+    "._propagate_tensor_meta_non_cached": "(self, op_schema)",
+    "torch.distributed._tools.common_utils.get_untyped_storages": "(t)",
 }
 
 # Modules of torchtitan that copy device_type / device_module at import.
@@ -277,6 +285,70 @@ def dtensor_over(local: Tensor, like: Any) -> Any:
     meta = TensorMeta(like.shape, like.stride(), local.dtype)
     spec = DTensorSpec(like.device_mesh, tuple(like.placements), tensor_meta=meta)
     return DTensor(local, spec, requires_grad=False)  # type: ignore[call-arg]
+
+
+# -- the planner ---------------------------------------------------------------------------
+@contextmanager
+def meshes_on_cpu() -> Iterator[None]:
+    """torchtitan's ParallelDims.build_mesh builds its meshes on the CPU meanwhile."""
+    import torchtitan.distributed.parallel_dims as parallel_dims
+
+    saved = parallel_dims.device_type
+    parallel_dims.device_type = "cpu"
+    try:
+        yield
+    finally:
+        parallel_dims.device_type = saved
+
+
+def local_storage(t: Any) -> Any:
+    """A DTensor's shard on this rank, the tensor itself (`to_local` adds an autograd view);
+    anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t  # noqa: SLF001
+
+
+_propagating = [0]  # > 0 while DTensor propagates shapes
+_marking = [0]  # nested marked_sharding_propagation contexts
+
+
+def propagating_shapes() -> bool:
+    """Whether DTensor is rerunning an op on global shapes (see marked_sharding_propagation)."""
+    return _propagating[0] > 0
+
+
+@contextmanager
+def marked_sharding_propagation() -> Iterator[None]:
+    """While active, propagating_shapes() tells when DTensor's sharding propagation runs an
+    op on tensors of global shape (nests)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+    if _marking[0] == 0:
+
+        def marked(self: Any, op_schema: Any) -> Any:
+            _propagating[0] += 1
+            try:
+                return original(self, op_schema)
+            finally:
+                _propagating[0] -= 1
+
+        ShardingPropagator._propagate_tensor_meta_non_cached = marked  # type: ignore[method-assign]
+    _marking[0] += 1
+    try:
+        yield
+    finally:
+        _marking[0] -= 1
+        if _marking[0] == 0:
+            ShardingPropagator._propagate_tensor_meta_non_cached = original  # type: ignore[method-assign]
+
+
+def untyped_storages(t: Any) -> Any:
+    """The untyped storages under a tensor (a DTensor's or a float8 tensor's inner ones)."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
+
+    return get_untyped_storages(t)
 
 
 # -- a first screen without noise ---------------------------------------------------------
