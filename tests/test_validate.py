@@ -11,13 +11,15 @@ import pytest
 import torch
 from torch import nn
 
+from flux.config import DEBUG_CONFIG
 from flux.flow import Encoded, FlowBatch
 from flux.generate import SampleSettings
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.train_spec import build_preprocessor, global_batch_size
 from flux.validate import FluxValidator, TimestepLosses, ValidationSettings, time_to_train_line
-from tests.caches import job
+from tests.caches import job, make_cache
+from tests.launch import run_train
 
 CPU = torch.device("cpu")
 SETTINGS = ValidationSettings(
@@ -171,3 +173,57 @@ def test_the_target_loss_is_reached_at_or_below_it() -> None:
         "time to train: validation loss 0.5812 <= target 0.586 at step 1024: 262,144 "
         "training samples seen, 754.2 s (12.57 min) wall time on 8 GPUs"
     )
+
+
+RECIPE_VALIDATION = """[validation]
+enable = true
+metric = "mlperf"
+loss_timesteps = 8
+every_samples = 8
+target_loss = 100.0
+dataset = "precomputed"
+dataset_path = "{cache}"
+samples = -1
+img_size = 64
+local_batch_size = 2
+sample_prompts = []
+"""
+
+
+@pytest.mark.e2e
+def test_the_debug_recipe_precomputes_trains_evaluates_and_stops_at_the_target(
+    tmp_path, monkeypatch
+) -> None:
+    """The MLPerf recipe in small: caches of shapes, FSDP over two processes, the mlperf
+    metric over 5 held-out samples (one rank's last batch is empty) every 8 samples, and a
+    target the first evaluation reaches."""
+    train = make_cache(tmp_path / "train", 16)
+    held_out = make_cache(tmp_path / "held_out", 5, "--split", "validation")
+    debug = DEBUG_CONFIG.read_text()
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        debug[: debug.index("[validation]")] + RECIPE_VALIDATION.format(cache=held_out)
+    )
+    monkeypatch.setenv("CONFIG_FILE", str(recipe))
+    dump = tmp_path / "run"
+    run = run_train(
+        dump,
+        *("--training.dataset", "precomputed", "--training.dataset_path", str(train)),
+        *("--training.steps", "6", "--training.local_batch_size", "2"),
+        *("--checkpoint.enable", "--checkpoint.interval", "100"),
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        nproc=2,
+    )
+    assert run.returncode == 0, run.output[-3000:]
+    assert sorted(run.losses) == [1, 2]  # 4 samples a step: 8 seen after step 2
+    assert list(run.validation_losses) == [2]
+    loss = run.validation_losses[2]
+    assert 0 < loss < 100
+    lines = [line for line in run.output.splitlines() if "time to train:" in line]
+    assert len(lines) == 1, run.output[-3000:]
+    assert f"validation loss {loss:.4f} <= target 100.0 at step 2: 8 training samples" in lines[0]
+    assert "on 2 cpu processes" in lines[0]
+    assert "Training completed" in run.output
+    assert (dump / "checkpoint" / "step-2").is_dir()  # the last step is saved
+    assert not (dump / "validation").exists()  # no prompts: no images
