@@ -110,7 +110,8 @@ def time_to_train_line(
     device_type: str,
 ) -> str:
     """The line a run that reached validation.target_loss ends with."""
-    kind = "GPUs" if device_type == "cuda" else f"{device_type} processes"
+    kind = "GPU" if device_type == "cuda" else f"{device_type} process"
+    kind += ("es" if kind.endswith("s") else "s") * (devices != 1)
     return (
         f"time to train: validation loss {loss:.4f} <= target {target} at step {step}: "
         f"{samples:,} training samples seen, {seconds:.1f} s ({seconds / 60:.2f} min) wall "

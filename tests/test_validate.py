@@ -173,6 +173,7 @@ def test_the_target_loss_is_reached_at_or_below_it() -> None:
         "time to train: validation loss 0.5812 <= target 0.586 at step 1024: 262,144 "
         "training samples seen, 754.2 s (12.57 min) wall time on 8 GPUs"
     )
+    assert time_to_train_line(1.0, 2.0, 1, 4, 1.0, 1, "cpu").endswith("on 1 cpu process")
 
 
 RECIPE_VALIDATION = """[validation]
