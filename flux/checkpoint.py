@@ -286,14 +286,15 @@ class FluxCheckpointManager(CheckpointManager):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.save_now: Callable[[], bool | None] = lambda: None
+        self.should_save: Callable[[bool], bool] = lambda due: due
         self.plain_layouts = False  # tensor parallelism: DCP sees plain copies
         self.verified: str | None = None  # the checkpoint _find_load_step verified
 
-    def attach(self, save_now: Callable[[], bool | None], plain_layouts: bool) -> None:
-        """The trainer's save verdict (True saves, False skips, None keeps the configured
-        interval), and whether tensor parallelism's strided layouts need plain copies."""
-        self.save_now, self.plain_layouts = save_now, plain_layouts
+    def attach(self, should_save: Callable[[bool], bool], plain_layouts: bool) -> None:
+        """The trainer's save verdict (given whether the configured interval says a step is
+        due, whether to save it), and whether tensor parallelism's strided layouts need
+        plain copies."""
+        self.should_save, self.plain_layouts = should_save, plain_layouts
 
     def checkpoint_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """What DCP sees: with tensor parallelism, plain copies of the strided tensors and
@@ -400,10 +401,9 @@ class FluxCheckpointManager(CheckpointManager):
         return step
 
     def _should_save(self, curr_step: int, last_step: bool = False) -> bool:
-        verdict = self.save_now()
-        if verdict is None or not self.enable or self.load_only:
-            return super()._should_save(curr_step, last_step)
-        return verdict
+        if not self.enable or self.load_only:
+            return False
+        return self.should_save(super()._should_save(curr_step, last_step))
 
     def wait_for_save(self) -> None:
         """Block until an asynchronous save has reached the disk, with its checksums."""

@@ -21,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torchtitan.config import ConfigManager, JobConfig
 
 from flux.sampling import PIXELS_PER_TOKEN, check_image_size
@@ -265,6 +266,49 @@ def check_training(job_config: JobConfig) -> None:
     if schedule.decay_ratio is not None:
         within("lr_scheduler.decay_ratio", schedule.decay_ratio, 0, 1)
     within("lr_scheduler.min_lr_factor", schedule.min_lr_factor, 0, 1)
+    check_activation_checkpoint(job_config.activation_checkpoint)
+    check_attention_backend(training.attention_backend)
+
+
+def check_attention_backend(backend: str) -> None:
+    """cuDNN's and FlashAttention-3's kernels need a GPU (FlashAttention-3 a Hopper one,
+    and its package)."""
+    import importlib.util
+
+    from torchtitan.tools.utils import has_cuda_capability
+
+    if backend == "default":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"training.attention_backend = {backend!r} needs a CUDA GPU: use 'default'"
+        )
+    if backend == "flash3" and not has_cuda_capability(9, 0):
+        raise ConfigError(
+            "training.attention_backend = 'flash3' needs a Hopper GPU (compute capability "
+            "9.0): use 'cudnn' or 'default'"
+        )
+    if backend == "flash3" and importlib.util.find_spec("flash_attn_interface") is None:
+        raise ConfigError(
+            "training.attention_backend = 'flash3' needs FlashAttention-3's "
+            "flash_attn_interface package (built from flash-attention's hopper/ folder)"
+        )
+
+
+def check_activation_checkpoint(ac: Any) -> None:
+    """The modes flux implements: none, full, selective by block interval or by op."""
+    if ac.mode not in ("none", "full", "selective"):
+        raise ConfigError(
+            f"activation_checkpoint.mode = {ac.mode!r} is not supported for flux: use none, "
+            "full or selective"
+        )
+    option = ac.selective_ac_option
+    if ac.mode == "selective" and option != "op" and not (option.isdigit() and int(option) >= 1):
+        raise ConfigError(
+            f"activation_checkpoint.selective_ac_option = {option!r}: use 'op' (keep the "
+            "matmul and attention outputs, recompute the rest) or a block interval N >= 1"
+        )
+    at_least("activation_checkpoint.skip_last_blocks", ac.skip_last_blocks, 0)
 
 
 def check_validation(job_config: JobConfig) -> None:

@@ -117,18 +117,35 @@ class WeightAverage(Stateful):
         return self.updates > 0
 
     @torch.no_grad()
-    def update(self, step: int) -> bool:
-        """Average in the weights of applied step `step` if it is due; whether it was."""
+    def update(self, step: int, not_applied: Tensor | None = None) -> bool:
+        """Average in the weights of step `step` if it is due; whether it was.
+
+        not_applied: a () tensor, 1 where the step was not applied (the trainer knows it on
+        the device only, flux.resilience.StepVerdict): the update then leaves the average
+        as it was, without the host waiting for the verdict, and the trainer calls
+        `not_applied()` once it has read it. None: the step was applied."""
         if not self.settings.is_due(step):
             return False
         decay = self.settings.decay_at(self.updates)
+        weight = None
+        if not_applied is not None:
+            # lerp's weight 1 gives the weights exactly (a copy) and 0 the average. With
+            # cpu_offload this copy to the host waits for the device, as staging does.
+            device = next(iter(self.average.values())).device
+            weight = (1.0 - not_applied.to(device, torch.float32)) * (1.0 - decay)
         for averages, weights in self._groups():
-            if decay == 0.0:
+            if weight is not None:
+                torch._foreach_lerp_(averages, weights, [weight] * len(averages))
+            elif decay == 0.0:
                 torch._foreach_copy_(averages, weights)
             else:
                 torch._foreach_lerp_(averages, weights, 1.0 - decay)
         self.updates += 1
         return True
+
+    def not_applied(self) -> None:
+        """Uncount an update whose step turned out not applied (its average unchanged)."""
+        self.updates -= 1
 
     def _groups(self) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
         """(averages, the weights as float32 beside them): all at once; with cpu_offload,

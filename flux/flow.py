@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from torch import Tensor
+from torch import Tensor, nn
 from torchtitan.tools.logging import logger
 
 from flux.data.caption_dropout import drop_captions, dropout_masks
@@ -30,7 +30,14 @@ from flux.data.transforms import device_images
 from flux.model.args import AutoEncoderParams
 from flux.model.autoencoder import AutoEncoder, load_ae, posterior_latents
 from flux.model.text_encoders import CLIP_MAX_LENGTH, TextEncoder
-from flux.sampling import Streams, image_ids, pack_latents, sample_timesteps, text_ids
+from flux.sampling import (
+    Streams,
+    image_ids,
+    pack_latents,
+    sample_timesteps,
+    text_ids,
+    to_device,
+)
 
 PRECOMPUTED = "precomputed"  # the dataset source whose batches are already encoded
 
@@ -117,15 +124,27 @@ def build_text_encoders(
 def build_autoencoder(
     settings: EncoderSettings, params: AutoEncoderParams, device: torch.device
 ) -> AutoEncoder:
-    """The autoencoder as the [encoder] section sets it, in its dtype."""
+    """The autoencoder as the [encoder] section sets it, in its dtype, its encoder
+    channels-last (see encode_images)."""
     try:
-        return load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
+        autoencoder = load_ae(settings.autoencoder_path, params, device).to(settings.dtype)
     except (OSError, ValueError, SafetensorError) as e:
         raise EncoderError(f"encoder.autoencoder_path: {' '.join(str(e).split())}") from None
+    # (Module.to takes memory_format; torch's type hints for it do not list it)
+    autoencoder.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return autoencoder
 
 
 class EncoderError(ValueError):
     """A frozen encoder that cannot be built from its setting; one line naming it."""
+
+
+def encode_images(autoencoder: AutoEncoder, images: Tensor) -> Tensor:
+    """Images (B, 3, H, W) on the encoder's device -> Gaussian moments (B, 2C, H/8, W/8).
+
+    Channels-last: the layout GPUs' fused convolutions take, in which the attention's q, k
+    and v come out contiguous (the fused attention kernels' input)."""
+    return autoencoder.encoder(images.contiguous(memory_format=torch.channels_last))
 
 
 class FluxPreprocessor:
@@ -145,10 +164,12 @@ class FluxPreprocessor:
         self.ae_params = ae_params
         self.settings = flow
         self.texts = parts.texts.to(device) if parts.texts is not None else None
-        self.t5: TextEncoder | None = None
-        self.clip: TextEncoder | None = None
+        # TextEncoders, or what flux.parallel.frozen makes of them across ranks
+        self.t5: nn.Module | None = None
+        self.clip: nn.Module | None = None
         if parts.text_encoders:
             self.t5, self.clip = build_text_encoders(encoders, device)
+        self.encodes_images = parts.latent_encoder
         self.autoencoder: AutoEncoder | None = None
         if parts.latent_encoder or parts.latent_decoder:
             self.autoencoder = build_autoencoder(encoders, ae_params, device)
@@ -187,14 +208,17 @@ class FluxPreprocessor:
             t5_captions, clip_captions = drop_captions(captions, dropout_prob, streams.cpu)
             return self.t5(t5_captions).float(), self.clip(clip_captions).float()
         assert self.texts is not None
-        t5_drop, clip_drop = (
-            m.to(self.device) for m in dropout_masks(len(captions), dropout_prob, streams.cpu)
-        )
+        masks = torch.stack(dropout_masks(len(captions), dropout_prob, streams.cpu))
+        t5_drop, clip_drop = to_device(masks, self.device)  # one copy
         txt = torch.where(
-            t5_drop[:, None, None], self.texts.lookup("t5", [""]), batch["t5"].to(self.device)
+            t5_drop[:, None, None],
+            self.texts.lookup("t5", [""]),
+            to_device(batch["t5"], self.device),
         )
         y = torch.where(
-            clip_drop[:, None], self.texts.lookup("clip", [""]), batch["clip"].to(self.device)
+            clip_drop[:, None],
+            self.texts.lookup("clip", [""]),
+            to_device(batch["clip"], self.device),
         )
         return txt.float(), y.float()
 
@@ -203,11 +227,14 @@ class FluxPreprocessor:
         """Scaled latents (B, C, h, w) sampled from the posterior: of the images' moments
         from the encoder, or a precomputed batch's stored moments."""
         if "moments" in batch:
-            moments = batch["moments"].to(self.device)
+            moments = to_device(batch["moments"], self.device)
         else:
             assert self.autoencoder is not None
-            images = device_images(batch["images"], self.device, self.dtype)  # uint8 -> [-1, 1]
-            moments = self.autoencoder.encoder(images)
+            # uint8 -> [-1, 1]; pinned first (as it is where the loader pinned it), so the
+            # copy to the device does not wait for it
+            pixels = to_device(batch["images"], self.device)
+            images = device_images(pixels, self.device, self.dtype)
+            moments = encode_images(self.autoencoder, images)
         c, h, w = moments.shape[1] // 2, moments.shape[2], moments.shape[3]
         noise = streams.randn((c, h, w), self.device)
         return posterior_latents(moments, self.ae_params, noise).float()
@@ -240,11 +267,21 @@ class FluxPreprocessor:
         kind, tokens = self.settings.timestep_sampling, encoded.x0.shape[1]
         t = torch.cat([sample_timesteps(kind, 1, tokens, g) for g in streams.cpu])
         noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
-        return self.flow(encoded, t.to(self.device), noise)
+        return self.flow(encoded, to_device(t, self.device), noise)
 
-    def __call__(self, batch: dict[str, Any], streams: Streams) -> FlowBatch:
-        """A training micro-batch: caption dropout, latents, t from the configured sampling."""
-        return self.sample_flow(self.encode(batch, self.settings.dropout_prob, streams), streams)
+    def __call__(
+        self,
+        batch: dict[str, Any],
+        streams: Streams,
+        lap: Callable[[str], None] = lambda part: None,
+    ) -> FlowBatch:
+        """A training micro-batch: caption dropout, latents, t from the configured sampling.
+        lap marks the end of the text and of the latent encoding (parts of the step)."""
+        txt, y = self.encode_text(batch, self.settings.dropout_prob, streams)
+        lap("text")
+        latents = self.encode_latents(batch, streams)
+        lap("latents")
+        return self.sample_flow(Encoded.of(latents, txt, y), streams)
 
 
 def flow_matching_loss(model: torch.nn.Module, batch: FlowBatch) -> Tensor:

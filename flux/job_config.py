@@ -1,8 +1,9 @@
 """The TOML sections this package adds to torchtitan's JobConfig.
 
 torchtitan merges these dataclasses field by field into its own (`job.custom_config_module =
-"flux.job_config"`): `[encoder]`, `[ema]` and `[inference]` are new sections, and `[training]` and
-`[validation]` gain the fields below. Each docstring is what `--help` shows.
+"flux.job_config"`): `[encoder]`, `[ema]` and `[inference]` are new sections, and `[training]`,
+`[validation]` and `[activation_checkpoint]` gain the fields below. Each docstring is what
+`--help` shows.
 """
 
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ class Training:
     seed_data: int = 0
     """Seed of the data order, caption dropout and noise streams (each rank derives its own)"""
 
+    attention_backend: Literal["default", "cudnn", "flash3"] = "default"
+    """Which fused attention kernels the transformer prefers (GPU only): default (PyTorch's
+    choice: FlashAttention-2, then memory-efficient), cudnn (cuDNN's, tried first), or
+    flash3 (FlashAttention-3 on Hopper GPUs; needs the flash_attn_interface package). Not
+    measured on this project's GPUs yet: try it with `benchmark step` first"""
+
     shards_open: int = 8
     """Shards each data stream reads at once, taking each next record from one of them at
     random (webdataset, cc12m-wds): consecutive samples come from different shards"""
@@ -68,6 +75,14 @@ class Training:
     skipped and counted; when more than this fraction of the samples read were skipped
     (judged from the 1000th sample read on), the run stops instead of training on what is
     left (1 never stops)"""
+
+
+@dataclass
+class ActivationCheckpoint:
+    skip_last_blocks: int = 0
+    """The last N transformer blocks (double, then single blocks, in the order they run)
+    keep their activations instead of recomputing them, with mode full or selective: a GPU
+    with memory to spare buys back their recompute"""
 
 
 @dataclass
@@ -168,5 +183,6 @@ class JobConfig:
     encoder: Encoder = field(default_factory=Encoder)
     training: Training = field(default_factory=Training)
     validation: Validation = field(default_factory=Validation)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     ema: Ema = field(default_factory=Ema)
     inference: Inference = field(default_factory=Inference)

@@ -10,16 +10,20 @@ Killed processes: torchrun --max-restarts starts every process again, and they r
 the last checkpoint (each attempt's process group gets store keys of its own: flux.seam).
 
 Non-finite steps: a step whose loss or gradient norm is not finite on any rank is not
-applied; after `training.max_nonfinite_steps` of them in a row the run stops with
-NonFiniteLossError, and no checkpoint has been written since the last good step. The end
-of a run names the steps that were not applied, and a run whose last step was not applied
-fails (LastStepNotAppliedError).
+applied (decided on the device: StepVerdict); after `training.max_nonfinite_steps` of them
+in a row the run stops with NonFiniteLossError, and no checkpoint has been written since
+the last good step. The host learns a step's verdict a step later (or when it logs or
+saves), so ordinary steps never wait for the device; a stop asked for by a signal takes
+effect after the step in which every rank has read it. The end of a run names the steps
+that were not applied, and a run whose last step was not applied fails
+(LastStepNotAppliedError).
 
 Data that goes missing: the samples the loader skipped (undecodable images, unreadable
 cache shards, ...) are counted by kind over the data-parallel ranks; the totals go to the
 log lines and the metrics, and when more than `training.max_skipped_fraction` of the
 samples read were skipped (judged once MIN_SAMPLES_JUDGED have been read), the run stops
-(TooManySkipsError) instead of training on what is left.
+(TooManySkipsError) instead of training on what is left. The counts are gathered on
+logging steps only, which wait for the device anyway.
 """
 
 from __future__ import annotations
@@ -76,20 +80,47 @@ class StopSignals:
             print(f"flux: got {self.received}: stopping after this step", flush=True)
 
 
-def step_verdict(loss: Tensor, grad_norm: Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """(finite, stop): whether every rank's loss and the gradient norm are finite, and
-    whether any rank was asked to stop. One all-reduce, so all ranks decide alike."""
-    flags = torch.stack(
-        [
-            (~torch.isfinite(loss.detach().float())).float(),
-            (~torch.isfinite(grad_norm.detach().float())).float(),
-            torch.tensor(float(stop_requested), device=loss.device),
-        ]
-    )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    nonfinite_loss, nonfinite_grad, stop = flags.tolist()
-    return not (nonfinite_loss or nonfinite_grad), bool(stop)
+class StepVerdict:
+    """One step's verdict, decided on the device, and its copy on the way to the host.
+
+    On the device: whether every rank's loss and the gradient norm are finite, and whether
+    any rank was asked to stop, combined across ranks by one all-reduce (max) so that all
+    ranks decide alike. `nonfinite` stays there for the optimizer to skip on
+    (flux.seam.skipped_where). The host reads the copy (`read`) only when it must know: a
+    step later, when the device has long passed that point in the queue (the host then
+    never runs more than a step ahead), or when it logs or saves. Nothing here reads a
+    tensor back.
+    """
+
+    def __init__(self, step: int, loss: Tensor, grad_norm: Tensor, stop_requested: bool):
+        device = loss.device
+        values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float()])
+        flags = torch.cat(
+            [
+                (~torch.isfinite(values)).any().float().reshape(1),
+                torch.full((1,), float(stop_requested), device=device),  # a fill, no copy
+            ]
+        )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.step = step
+        self.nonfinite = flags[0]  # () float32: 1 where the step is not to be applied
+        self.averaged = False  # whether the step (masked by nonfinite) updated the EMA
+        on_accelerator = device.type != "cpu"
+        self.host = torch.empty(4, pin_memory=on_accelerator)  # loss, grad norm, flags
+        self.host.copy_(torch.cat([values, flags]), non_blocking=on_accelerator)
+        self.ready: torch.Event | None = None
+        if on_accelerator:
+            self.ready = torch.Event(device=device)
+            self.ready.record()
+        self.host_values = self.host.numpy()  # host memory, read once the copy has landed
+
+    def read(self) -> tuple[float, float, bool, bool]:
+        """(this rank's loss, the gradient norm, finite on every rank, stop on any rank)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, grad_norm, nonfinite, stop = (float(v) for v in self.host_values)
+        return loss, grad_norm, nonfinite == 0.0, stop != 0.0
 
 
 class NonFiniteSteps:

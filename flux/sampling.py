@@ -27,6 +27,15 @@ def check_image_size(size: int, name: str) -> None:
         raise ValueError(f"{name} = {size}: use a positive multiple of {PIXELS_PER_TOKEN}")
 
 
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A host tensor on the device without waiting for the device: pinned, then copied
+    asynchronously (a copy from pageable memory waits until the device's queue has run).
+    On the CPU, as it is."""
+    if device.type == "cpu":
+        return t if dtype is None else t.to(dtype)
+    return t.pin_memory().to(device, dtype, non_blocking=True)
+
+
 def pack_latents(latents: Tensor) -> Tensor:
     """(B, C, H, W) latents -> (B, H/2·W/2, 4C) tokens of 2×2 patches, as FLUX.1 packs them."""
     return rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)

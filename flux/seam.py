@@ -23,6 +23,15 @@ upgrade fails there, loudly, rather than in a run.
 - Tensor parallelism keeps FLUX.1's fused layouts as torch's private `_StridedShard`
   placement, and runs a torchao Float8Linear's matmul on local shards through torchao's
   `matmul_with_hp_or_float8_args` (torchao has no public function for it).
+- A step not applied, decided on the device: fused Adam/AdamW skip their update where the
+  `found_inf` tensor torch.amp.GradScaler hands them is nonzero (their step reads it from
+  the optimizer and passes it to the private `_fused_adam`); no public API takes a
+  device-side "skip" otherwise, and reading the verdict on the host would wait for the step.
+- The planner (flux.plan) builds meshes on the CPU for a fake process group on any machine
+  (torchtitan's ParallelDims reads the module's `device_type`), reads a DTensor's local
+  storage without the autograd view `to_local` makes, marks DTensor's sharding propagation
+  (which reruns each op on global shapes, through the same dispatch modes: no rank's work)
+  and lists the storages an op touched with FSDP's memory tracker's private helper.
 - The EMA of the weights (flux.ema) gives DCP its shards as DTensors over tensors where
   they are: `DTensor.from_local` would move a host-memory average to the mesh's device (all
   of it, at every save); FSDP's CPU offload builds its parameters the same private way.
@@ -36,6 +45,8 @@ import os
 import re
 import resource
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -70,11 +81,19 @@ PINNED = {
     "torchao.float8.float8_linear.matmul_with_hp_or_float8_args.forward": (
         "(ctx, input_hp, weight_hp_t, linear_mm_config, config)"
     ),
+    "torch.optim.adam._fused_adam": (
+        "(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, grad_scale, "
+        "found_inf, *, amsgrad, has_complex, beta1, beta2, lr, weight_decay, eps, maximize, "
+        "capturable, differentiable, decoupled_weight_decay)"
+    ),
     "torch.distributed.tensor._dtensor_spec.DTensorSpec.__init__": (
         "(self, mesh, placements, tensor_meta=None, shard_order=None, "
         "use_strided_shard_as_shard_order=None)"
     ),
     "torch.distributed.tensor._dtensor_spec.TensorMeta": "(shape, stride, dtype)",
+    "torch.distributed.tensor._sharding_prop.ShardingPropagator"
+    "._propagate_tensor_meta_non_cached": "(self, op_schema)",
+    "torch.distributed._tools.common_utils.get_untyped_storages": "(t)",
 }
 
 # Modules of torchtitan that copy device_type / device_module at import.
@@ -231,6 +250,31 @@ def float8_matmul(x: Tensor, weight: Tensor, linear_mm_config: Any, config: Any)
     return matmul_with_hp_or_float8_args.apply(x, weight.t(), linear_mm_config, config)
 
 
+# -- a step not applied, decided on the device ---------------------------------------------
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer can leave a step out on a device-side verdict: fused Adam or
+    AdamW (AdamW is an Adam), the kind torchtitan builds by default."""
+    return isinstance(optimizer, torch.optim.Adam) and all(
+        group.get("fused") for group in optimizer.param_groups
+    )
+
+
+@contextmanager
+def skipped_where(optimizers: Iterable[torch.optim.Optimizer], found_inf: Tensor) -> Iterator[None]:
+    """For the duration, the optimizers' steps leave parameters, moments and step counts as
+    they are where found_inf (a float32 scalar on their device) is nonzero, as under
+    torch.amp.GradScaler: the verdict never leaves the device."""
+    optimizers = list(optimizers)
+    assert all(skips_on_device(o) for o in optimizers), "fused Adam/AdamW only"
+    for optimizer in optimizers:
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for optimizer in optimizers:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+
+
 # -- a DTensor over a tensor where it is ----------------------------------------------------
 def dtensor_over(local: Tensor, like: Any) -> Any:
     """A DTensor with the mesh, placements, shape and stride of DTensor `like` whose local
@@ -241,6 +285,70 @@ def dtensor_over(local: Tensor, like: Any) -> Any:
     meta = TensorMeta(like.shape, like.stride(), local.dtype)
     spec = DTensorSpec(like.device_mesh, tuple(like.placements), tensor_meta=meta)
     return DTensor(local, spec, requires_grad=False)  # type: ignore[call-arg]
+
+
+# -- the planner ---------------------------------------------------------------------------
+@contextmanager
+def meshes_on_cpu() -> Iterator[None]:
+    """torchtitan's ParallelDims.build_mesh builds its meshes on the CPU meanwhile."""
+    import torchtitan.distributed.parallel_dims as parallel_dims
+
+    saved = parallel_dims.device_type
+    parallel_dims.device_type = "cpu"
+    try:
+        yield
+    finally:
+        parallel_dims.device_type = saved
+
+
+def local_storage(t: Any) -> Any:
+    """A DTensor's shard on this rank, the tensor itself (`to_local` adds an autograd view);
+    anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t  # noqa: SLF001
+
+
+_propagating = [0]  # > 0 while DTensor propagates shapes
+_marking = [0]  # nested marked_sharding_propagation contexts
+
+
+def propagating_shapes() -> bool:
+    """Whether DTensor is rerunning an op on global shapes (see marked_sharding_propagation)."""
+    return _propagating[0] > 0
+
+
+@contextmanager
+def marked_sharding_propagation() -> Iterator[None]:
+    """While active, propagating_shapes() tells when DTensor's sharding propagation runs an
+    op on tensors of global shape (nests)."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+    if _marking[0] == 0:
+
+        def marked(self: Any, op_schema: Any) -> Any:
+            _propagating[0] += 1
+            try:
+                return original(self, op_schema)
+            finally:
+                _propagating[0] -= 1
+
+        ShardingPropagator._propagate_tensor_meta_non_cached = marked  # type: ignore[method-assign]
+    _marking[0] += 1
+    try:
+        yield
+    finally:
+        _marking[0] -= 1
+        if _marking[0] == 0:
+            ShardingPropagator._propagate_tensor_meta_non_cached = original  # type: ignore[method-assign]
+
+
+def untyped_storages(t: Any) -> Any:
+    """The untyped storages under a tensor (a DTensor's or a float8 tensor's inner ones)."""
+    from torch.distributed._tools.common_utils import get_untyped_storages
+
+    return get_untyped_storages(t)
 
 
 # -- a first screen without noise ---------------------------------------------------------

@@ -22,13 +22,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.config import JobConfig
+from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
@@ -41,14 +45,16 @@ from flux.data.streams import DataError
 from flux.ema import EMA, build_average
 from flux.flow import EncoderError, FlowBatch, flow_matching_loss
 from flux.parallel.context_parallel import shard_sequence
+from flux.parallel.frozen import parallelize_frozen
+from flux.parallel.parallelize import compiles_model
 from flux.resilience import (
     REQUEUE_EXIT_CODE,
     NonFiniteSteps,
     RunError,
     Skips,
+    StepVerdict,
     StopSignals,
     skip_counts,
-    step_verdict,
     write_requeue_file,
 )
 from flux.sampling import Streams
@@ -66,13 +72,21 @@ class FluxTrainer(Trainer):
         self.preempted = False
         self.stop_error: RunError | None = None  # ends the loop without a traceback
         self.nonfinite = NonFiniteSteps(job_config.training.max_nonfinite_steps)
+        self.verdicts: deque[StepVerdict] = deque()  # on their way to the host, oldest first
+        self.process_wide = ExitStack()  # what the trainer sets for the process; close undoes
+        self.process_wide.enter_context(preferred_attention(job_config.training.attention_backend))
         seam.install()
         super().__init__(job_config)
         if self.device.type == "cpu":
             self.device = torch.device("cpu")  # torchtitan names it cpu:<local rank>
         self.preprocess = build_preprocessor(job_config, self.model_args, self.device)
+        compiles = compiles_model(job_config.compile)
+        parallelize_frozen(
+            self.preprocess, self.parallel_dims, job_config.compile.backend if compiles else None
+        )
         assert isinstance(self.checkpointer, FluxCheckpointManager), "flux.seam.install"
-        self.checkpointer.attach(self.save_now, plain_layouts=self.parallel_dims.tp_enabled)
+        self.checkpointer.attach(self.should_save, plain_layouts=self.parallel_dims.tp_enabled)
+        self.skips_on_device = all(seam.skips_on_device(o) for o in self.optimizers)
         self.ema = build_average(self.model_parts[0], ema_settings(job_config))
         if self.ema is not None:
             self.checkpointer.states[EMA] = self.ema  # saved, loaded and resharded by DCP
@@ -81,9 +95,12 @@ class FluxTrainer(Trainer):
         self.batch_group = batch_mesh.get_group() if batch_mesh is not None else None
         self.images_since_log = 0
         self.samples_used = 0  # by this rank, since this start
+        # Marks the end of a part of the step (data, text, latents, fwd_bwd, optimizer):
+        # `benchmark step` times the parts of this very step with it.
+        self.lap: Callable[[str], None] = lambda part: None
         self.flux_validator: FluxValidator | None = None
         self.reached_target = False  # validation.target_loss: the run ends, successfully
-        self.clock: tuple[float, int] = (time.perf_counter(), 0)  # (start, step), for time to train
+        self.clock: tuple[float, int] = (time.perf_counter(), 0)  # (start, step): time to train
         if job_config.validation.enable:
             assert isinstance(self.validator, FluxValidator)
             self.flux_validator = self.validator
@@ -111,7 +128,7 @@ class FluxTrainer(Trainer):
         streams = Streams.of(
             self.job_config.training.seed_data, self.step, batch["keys"], self.device
         )
-        flow = self.preprocess(batch, streams)
+        flow = self.preprocess(batch, streams, self.lap)
         if self.parallel_dims.cp_enabled:
             cp = self.parallel_dims.get_mesh("cp")
             flow = FlowBatch(
@@ -119,16 +136,40 @@ class FluxTrainer(Trainer):
             )
         return flow
 
-    def save_now(self) -> bool | None:
-        """Overrides the checkpoint interval: never while the latest step was not applied,
-        always when stopping for a signal; None: as configured."""
-        if self.nonfinite.in_streak:
+    def should_save(self, due: bool) -> bool:
+        """Whether to save this step's checkpoint, `due` by the configured interval: always
+        when stopping for a signal, never while the latest step was not applied or the run
+        is giving up. Reads the verdicts not yet read (a save waits for the step anyway)."""
+        if not (due or self.preempted or self.reached_target):
             return False
-        return True if self.preempted or self.reached_target else None
+        self.settle()
+        return self.stop_error is None and not self.nonfinite.in_streak
 
     def should_continue_training(self) -> bool:
         stop = self.preempted or self.stop_error is not None or self.reached_target
         return not stop and super().should_continue_training()
+
+    def train(self) -> None:
+        """torchtitan's loop, then the end of the run: the data skipped, the steps not
+        applied, and "Training completed" only when the last step was applied."""
+        self.clock = (time.perf_counter(), -1)  # the step it starts from: at its first step
+        super().train()
+        self.settle()  # the last steps' verdicts: the run ends knowing what each step did
+        logger.info(f"data: {self.skips().line()}")
+        summary = self.nonfinite.summary()
+        if summary is not None:
+            logger.warning(summary)
+        if self.stop_error is None and not self.preempted:
+            try:
+                self.nonfinite.check_last_step(self.step)
+            except RunError as e:
+                self.stop_error = e
+        if self.stop_error is None and not self.preempted:
+            logger.info("Training completed", extra={seam.OWN: True})
+
+    def close(self) -> None:
+        super().close()
+        self.process_wide.close()
 
     def train_step(self, data_iterator: Iterator[dict[str, Any]]) -> None:  # type: ignore[override]
         """One optimizer step over gradient_accumulation_steps micro-batches, its metrics, and
@@ -136,17 +177,27 @@ class FluxTrainer(Trainer):
         if self.clock[1] < 0:  # the first step of this start (after a checkpoint's load)
             self.clock = (self.clock[0], self.step - 1)
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
-        try:
-            loss, grad_norm = self.optimize(data_iterator)
-        except RunError as e:
-            self.stop_error = e
+        loss, grad_norm = self.optimize(data_iterator)
+        # The previous step's verdict, read a step late: its copy landed while this step was
+        # queued. Every rank reads it here, so all stop after the same step.
+        self.settle(through=self.step - 1)
+        if self.ema is not None and self.stop_error is None:
+            # Whether this step was applied is known on the device only: the update is
+            # masked there (an unchanged average where it was not), and settle uncounts it.
+            # After the previous verdicts, so the update count (the warm-up's decay) is true.
+            verdict = self.verdicts[-1]
+            verdict.averaged = self.ema.update(self.step, not_applied=verdict.nonfinite)
+        logs = self.metrics_processor.should_log(self.step)
+        if logs:
+            self.settle()
+        if self.stop_error is not None:
             return
-        if self.ema is not None and not self.nonfinite.in_streak:  # the step was applied
-            self.ema.update(self.step)
         if self.preempted:
             why = self.stop_signals.received or "a signal to another rank"
             logger.warning(f"step {self.step}: stopping for {why}; saving a checkpoint")
-        if self.metrics_processor.should_log(self.step):
+        if logs:
+            # Gathers the skip counts over the data-parallel ranks: on logging steps only,
+            # which wait for the device anyway (settle above).
             skips = self.skips()
             self.log_step(loss, grad_norm, lr, skips)
             try:
@@ -179,54 +230,60 @@ class FluxTrainer(Trainer):
         logger.info(line + resumed)
 
     def optimize(self, data_iterator: Iterator[dict[str, Any]]) -> tuple[Tensor, Tensor]:
+        """Forward and backward over the micro-batches, then the optimizer step, applied or
+        not on the device's verdict; reads nothing back from the device."""
         self.optimizers.zero_grad()
         model = self.model_parts[0]
         accumulation = self.gradient_accumulation_steps
         losses = []
         for _ in range(accumulation):
             batch = next(data_iterator)
+            self.lap("data")
             self.images_since_log += len(batch["captions"])
             flow = self.flow_batch(batch)
             with self.train_context(), self.maybe_enable_amp:
                 loss = flow_matching_loss(model, flow) / accumulation
             loss.backward()
             losses.append(loss.detach())
+            self.lap("fwd_bwd")
 
         grad_norm = dist_utils.clip_grad_norm_(
             list(model.parameters()), self.job_config.training.max_norm, foreach=True
         )
         loss = torch.stack(losses).sum()
-        finite, self.preempted = step_verdict(
-            loss, grad_norm, self.stop_signals.received is not None
-        )
+        verdict = StepVerdict(self.step, loss, grad_norm, self.stop_signals.received is not None)
+        self.verdicts.append(verdict)
         self.checkpointer.maybe_wait_for_staging()
-        if finite:
+        if self.skips_on_device:
+            with seam.skipped_where(self.optimizers, verdict.nonfinite):
+                self.optimizers.step()
+        elif verdict.read()[2]:  # an optimizer that cannot skip on the device: ask now
             self.optimizers.step()
         self.lr_schedulers.step()  # the schedule follows the step count, applied or not
-        self.nonfinite.record(self.step, finite, loss.item(), grad_norm.item())
+        self.lap("optimizer")
         return loss, grad_norm
+
+    def settle(self, through: int | None = None) -> None:
+        """Read the verdicts of the steps up to `through` (all when None): count the steps
+        not applied (and the average's updates they did not make), note a stop asked for on
+        any rank. Too many not applied in a row end the run (stop_error)."""
+        while self.verdicts and (through is None or self.verdicts[0].step <= through):
+            verdict = self.verdicts.popleft()
+            loss, grad_norm, finite, stop = verdict.read()
+            self.preempted = self.preempted or stop
+            if not finite and verdict.averaged and self.ema is not None:
+                self.ema.not_applied()
+            if self.stop_error is not None:
+                continue
+            try:
+                self.nonfinite.record(verdict.step, finite, loss, grad_norm)
+            except RunError as e:
+                self.stop_error = e  # ends the loop without a traceback
 
     def skips(self) -> Skips:
         """What the training data loader skipped and what it gave, over the data-parallel
         ranks (every rank calls this)."""
         return Skips.gather(skip_counts(self.dataloader), self.samples_used, self.batch_group)
-
-    def train(self) -> None:
-        """torchtitan's loop, then the end of the run: the data skipped, the steps not
-        applied, and "Training completed" only when the last step was applied."""
-        self.clock = (time.perf_counter(), -1)  # the step it starts from: at its first step
-        super().train()
-        logger.info(f"data: {self.skips().line()}")
-        summary = self.nonfinite.summary()
-        if summary is not None:
-            logger.warning(summary)
-        if self.stop_error is None and not self.preempted:
-            try:
-                self.nonfinite.check_last_step(self.step)
-            except RunError as e:
-                self.stop_error = e
-        if self.stop_error is None and not self.preempted:
-            logger.info("Training completed", extra={seam.OWN: True})
 
     def log_step(self, loss: Tensor, grad_norm: Tensor, lr: float, skips: Skips) -> None:
         if self.parallel_dims.dp_enabled or self.parallel_dims.cp_enabled:
@@ -271,6 +328,87 @@ class FluxTrainer(Trainer):
         mp.data_loading_times.clear()
         mp.time_last_log = time.perf_counter()
         mp.device_memory_monitor.reset_peak_stats()
+
+
+class ShardedOnOneProcess(ParallelDims):
+    """One process that shards its model with FSDP over itself, as every rank of a
+    data-parallel run does (torchtitan applies FSDP from two ranks up): FSDP's mixed
+    precision, its copies and the trainer's step as a run has them, on one device."""
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return True
+
+    def get_optional_mesh(self, dims: str | list[str]) -> DeviceMesh | None:
+        if dims in ("fsdp", ["fsdp"]):
+            return self.world_mesh  # the process itself
+        return super().get_optional_mesh(dims)
+
+
+class OneProcessTrainer(FluxTrainer):
+    """FluxTrainer whose model FSDP shards over its one process (ShardedOnOneProcess)."""
+
+    def init_distributed(self) -> ParallelDims:
+        dims = super().init_distributed()
+        if dims.world_size != 1:
+            raise ValueError("OneProcessTrainer runs in a process group of one")
+        return ShardedOnOneProcess(1, 1, 1, 1, 1, 1, 1, world_size=1)
+
+
+@contextmanager
+def one_process(job_config: JobConfig, fsdp: bool = True) -> Iterator[FluxTrainer]:
+    """A FluxTrainer in this process, without torchrun (a process group of one; with fsdp,
+    its model sharded as each rank of a data-parallel run shards it), closed after: what
+    `benchmark step` and the in-process tests drive. The process's signal handlers and
+    garbage collection, which the trainer takes over, are given back."""
+    import gc
+    import signal
+
+    from flux.resilience import STOP_SIGNALS
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    collecting = gc.isenabled()
+    os.environ.setdefault("LOCAL_RANK", "0")
+    torch.distributed.init_process_group(store=torch.distributed.HashStore(), rank=0, world_size=1)
+    trainer = None
+    try:
+        trainer = (OneProcessTrainer if fsdp else FluxTrainer)(job_config)
+        yield trainer
+    finally:
+        if trainer is not None:
+            trainer.close()
+        torch.distributed.destroy_process_group()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if collecting:
+            gc.enable()
+
+
+def preferred_attention(backend: str) -> AbstractContextManager[None]:
+    """While entered, scaled_dot_product_attention prefers the training.attention_backend
+    kernels: cuDNN's first (then PyTorch's order), or FlashAttention-3 as the flash kernel.
+    Entered before the model compiles, so the compiled graphs pick the same kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if backend == "cudnn":
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+        order += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        return sdpa_kernel(order, set_priority=True)
+    if backend == "flash3":
+        return flash_attention_3()
+    return nullcontext()
+
+
+@contextmanager
+def flash_attention_3() -> Iterator[None]:
+    """FlashAttention-3 (flash_attn_interface) as SDPA's flash kernel while entered."""
+    from torch.nn.attention import activate_flash_attention_impl, restore_flash_attention_impl
+
+    activate_flash_attention_impl("FA3")
+    try:
+        yield
+    finally:
+        restore_flash_attention_impl()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,16 +19,18 @@ ema.validation), which is swapped into the model for the duration: its loss is l
 validation_metrics/ema_loss (and ema_loss_t...), its images saved under validation/ema/.
 
 Both run forward only, inside parallelize.forward_only, so FSDP units are resharded after
-and a checkpoint saved right after validation sees the usual sharded parameters; and on
+and a checkpoint saved right after validation sees the usual sharded parameters; on
 whole sequences, inside context_parallel.whole_sequence (every rank of a context-parallel
-group computes the same).
+group computes the same); and without recompiling compiled blocks or the compiled
+autoencoder encoder for validation's shapes (without_recompiling).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,17 @@ from flux.parallel.context_parallel import whole_sequence
 from flux.parallel.parallelize import forward_only
 from flux.resilience import Skips, skip_counts
 from flux.sampling import Streams
+
+
+@contextmanager
+def without_recompiling() -> Iterator[None]:
+    """Compiled code runs where its graphs fit, and eagerly where they would have to be
+    compiled again. Validation's shapes and mode are not training's (its batch and image
+    sizes, no gradients, as many sample counts as it has prompts): recompiling every block
+    type for each (minutes at full size, and torch's cap on recompiles) costs more than
+    running them eagerly for a few batches."""
+    with torch.compiler.set_stance("eager_on_recompile"):
+        yield
 
 
 def stratified_timesteps(count: int) -> torch.Tensor:
@@ -227,7 +240,7 @@ class FluxValidator(BaseValidator):
         """Validate the model's current weights; returns the loss."""
         model = model_parts[0]
         model.eval()
-        with forward_only(model), whole_sequence(model):
+        with forward_only(model), whole_sequence(model), without_recompiling():
             if self.settings.metric == "mlperf":
                 by_class, skips = self.mlperf_loss(model)
                 loss, per_t = by_class.mean(), by_class.per_timestep()

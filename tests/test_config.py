@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from torchtitan.tools.utils import has_cuda_capability
 
 from flux.config import (
@@ -176,6 +177,55 @@ def test_run_train_sh_prints_the_error_as_one_line_and_exits_2(tmp_path) -> None
 
 
 @pytest.mark.parametrize(
+    "args, says",
+    [
+        (("--activation_checkpoint.mode", "memory_budget"), "use none, full or selective"),
+        (
+            (
+                "--activation_checkpoint.mode",
+                "selective",
+                "--activation_checkpoint.selective_ac_option",
+                "ops",
+            ),
+            "'op'",
+        ),
+        (
+            (
+                "--activation_checkpoint.mode",
+                "full",
+                "--activation_checkpoint.skip_last_blocks",
+                "-1",
+            ),
+            "0 or more",
+        ),
+    ],
+)
+def test_activation_checkpointing_flux_cannot_run(args: tuple[str, ...], says: str) -> None:
+    assert says in refused(*args)
+
+
+def test_op_level_checkpointing_of_all_but_the_last_blocks_passes() -> None:
+    args = (
+        "--activation_checkpoint.mode",
+        "selective",
+        "--activation_checkpoint.selective_ac_option",
+        "op",
+    )
+    job = config(*args, "--activation_checkpoint.skip_last_blocks", "2")
+    check_config(job, 1)
+    assert job.activation_checkpoint.skip_last_blocks == 2
+
+
+def test_a_preferred_attention_backend_needs_a_gpu() -> None:
+    check_config(config("--training.attention_backend", "default"), 1)  # runs anywhere
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in refused("--training.attention_backend", "cudnn")
+        assert "needs a CUDA GPU" in refused("--training.attention_backend", "flash3")
+    else:
+        check_config(config("--training.attention_backend", "cudnn"), 1)
+
+
+@pytest.mark.parametrize(
     "args, expected",
     [
         (("--ema.decay", "1"), "ema.decay = 1.0: use a value in [0, 1)"),
@@ -206,6 +256,8 @@ def bad_settings(tmp: Path) -> list[tuple[tuple[str, ...], str]]:
         (("--training.classifier_free_guidance_prob", "1.5"), "from 0 to 1"),
         (("--training.max_skipped_fraction", "2"), "training.max_skipped_fraction = 2.0"),
         (("--training.max_nonfinite_steps", "0"), "use 1 or more"),
+        (("--activation_checkpoint.skip_last_blocks", "-1"), "skip_last_blocks = -1"),
+        (("--activation_checkpoint.mode", "memory_budget"), "use none, full or selective"),
         (("--training.dataset", "imagefolder"), "needs training.dataset_path"),
         (
             ("--training.dataset", "imagefolder", "--training.dataset_path", str(tmp / "no")),

@@ -91,6 +91,30 @@ def test_the_first_update_copies_the_weights_and_the_warmup_ramps_the_decay() ->
     assert EmaSettings(decay=0.9999, warmup=False).decay_at(1) == 0.9999
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_an_update_masked_on_the_device_is_the_plain_update_or_none(offload: bool) -> None:
+    """The trainer's update of a step whose verdict is still on the device: 0 (applied)
+    gives the plain update exactly, 1 (not applied) leaves the average and, uncounted,
+    the next update's decay as they were."""
+    settings = EmaSettings(decay=0.8, cpu_offload=offload)
+    m = model()
+    masked, plain = WeightAverage(m, settings), WeightAverage(m, settings)
+    for step in (1, 2):  # the first (a copy) and an average
+        train_step(m, step)
+        assert masked.update(step, not_applied=torch.tensor(0.0))
+        plain.update(step)
+        assert all(torch.equal(v, plain.average[n]) for n, v in masked.average.items())
+    kept = {n: v.clone() for n, v in masked.average.items()}
+    train_step(m, 3)
+    assert masked.update(3, not_applied=torch.tensor(1.0)) and masked.updates == 3
+    assert all(torch.equal(v, kept[n]) for n, v in masked.average.items())
+    masked.not_applied()
+    masked.update(3)
+    plain.update(3)
+    assert masked.updates == plain.updates == 3
+    assert all(torch.equal(v, plain.average[n]) for n, v in masked.average.items())
+
+
 @pytest.mark.parametrize("dtype, offload", [(torch.float32, False), (torch.bfloat16, True)])
 def test_validation_swaps_the_average_in_and_the_weights_back_exactly(dtype, offload) -> None:
     m = model(dtype=dtype)

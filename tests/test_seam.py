@@ -72,3 +72,25 @@ def test_memory_monitor_reports_without_a_gpu() -> None:
     stats = monitor.get_peak_stats()
     assert monitor.device_capacity_gib > 1
     assert 0 < stats.max_reserved_gib < monitor.device_capacity_gib
+
+
+def test_fused_adamw_skips_its_step_on_a_device_side_verdict() -> None:
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(8))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    assert seam.skips_on_device(optimizer)
+    assert not seam.skips_on_device(torch.optim.AdamW([param], lr=0.1, foreach=True))
+    param.grad = torch.randn(8)
+    optimizer.step()  # a first step, so there are moments to keep
+    state = {k: v.clone() for k, v in optimizer.state[param].items()}
+    before = param.detach().clone()
+    param.grad = torch.full((8,), float("nan"))
+    with seam.skipped_where([optimizer], torch.tensor(1.0)):
+        optimizer.step()
+    assert torch.equal(param, before)
+    assert all(torch.equal(optimizer.state[param][k], v) for k, v in state.items())
+    param.grad = torch.randn(8)
+    with seam.skipped_where([optimizer], torch.tensor(0.0)):
+        optimizer.step()
+    assert not torch.equal(param, before) and optimizer.state[param]["step"] == 2
+    assert not hasattr(optimizer, "found_inf")

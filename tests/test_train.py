@@ -293,3 +293,17 @@ def test_debug_model_learns_shapes_and_their_colours(tmp_path) -> None:
             assert saturated > 0.1 and red > 0.6, shares
         else:
             assert red < 0.25, shares
+
+
+def test_asynchronous_checkpoints_resume_with_the_same_losses(single, tmp_path) -> None:
+    """checkpoint.async_mode = "async", as the full-size configs save: DCP writes in the
+    background, and the checkpoint resumes as a synchronous one does."""
+    reference, _ = single
+    run = run_train(
+        tmp_path / "async", *COMMON, "4", *CHECKPOINT, "--checkpoint.async_mode", "async"
+    )
+    assert_same_losses(run, reference, [1, 2, 3, 4])
+    checkpoint_at(tmp_path / "async", 2, tmp_path / "resumed")
+    resumed = run_train(tmp_path / "resumed", *COMMON, "4", *CHECKPOINT)
+    assert "Training starts at step 3" in resumed.output
+    assert_same_losses(resumed, reference, [3, 4])

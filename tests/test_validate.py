@@ -1,5 +1,6 @@
-"""Validation's metrics in this process: the MLPerf loss by hand, across ranks and batch sizes,
-when validation is due by samples seen, and the stop at the target loss."""
+"""Validation in this process: on a compiled model; the MLPerf loss by hand, across ranks and
+batch sizes; when validation is due by samples seen; the stop at the target loss (and, e2e,
+the MLPerf recipe in small)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,18 @@ from flux.flow import Encoded, FlowBatch
 from flux.generate import SampleSettings
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
+from flux.parallel.parallelize import apply_compile
 from flux.train_spec import build_preprocessor, global_batch_size
-from flux.validate import FluxValidator, TimestepLosses, ValidationSettings, time_to_train_line
+from flux.validate import (
+    FluxValidator,
+    TimestepLosses,
+    ValidationSettings,
+    time_to_train_line,
+    without_recompiling,
+)
 from tests.caches import job, make_cache
 from tests.launch import run_train
+from tests.model.helpers import model_inputs, randomize
 
 CPU = torch.device("cpu")
 SETTINGS = ValidationSettings(
@@ -37,6 +46,28 @@ SETTINGS = ValidationSettings(
     metric="mlperf",
     samples=10,
 )
+
+
+def test_validation_runs_compiled_blocks_without_compiling_them_again() -> None:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    args = flux_configs["flux-debug"]
+    model = FluxModel(args)
+    randomize(model, std=0.05)
+    apply_compile(model, backend=backend)  # type: ignore[arg-type]
+    model(**model_inputs(args)).square().mean().backward()  # training's shapes
+    trained = len(graphs)
+    validation = model_inputs(args, batch=3, h=2, w=2, txt_len=5)
+    with torch.no_grad(), without_recompiling():
+        out = model(**validation)
+    assert len(graphs) == trained
+    with torch.no_grad():
+        torch.testing.assert_close(model(**validation), out)  # compiles anew, the same
+    assert len(graphs) > trained
 
 
 class OneProcess:

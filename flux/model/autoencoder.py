@@ -39,7 +39,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.norm(x)
         height, width = h.shape[-2:]
-        q, k, v = (rearrange(f(h), "b c h w -> b 1 (h w) c") for f in (self.q, self.k, self.v))
+        # Contiguous q, k, v (a copy unless the map is channels-last already): the fused
+        # attention kernels take nothing else, and the math path they fall back to holds
+        # the whole (H·W)² score matrix.
+        q, k, v = (
+            rearrange(f(h), "b c h w -> b 1 (h w) c").contiguous() for f in (self.q, self.k, self.v)
+        )
         out = F.scaled_dot_product_attention(q, k, v)
         out = rearrange(out, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(out)

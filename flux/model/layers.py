@@ -32,14 +32,18 @@ def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, H, L, K) by pe (B, 1, L, K/2).
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of x (B, H, L, K) by pe (B, 1, L, K/2, 2),
+    the cosine and sine of each pair's angle: (cos·x[2i] - sin·x[2i+1], sin·x[2i] + cos·x[2i+1]),
+    the reference's rotation, in float32.
 
-    pe holds the unit complex numbers cos + i·sin of each pair's angle; a pair read as
-    x[2i] + i·x[2i+1] and multiplied by it gives exactly the reference's rotation
-    (cos·x[2i] - sin·x[2i+1], sin·x[2i] + cos·x[2i+1]) without building its matrices.
+    Real arithmetic, not a complex multiply: compilers fuse it into the kernels around it
+    (the QK norm before, attention's input after), where complex tensors fall back to eager
+    kernels with float32 buffers of their own.
     """
-    pairs = torch.view_as_complex(rearrange(x.float(), "b h l (k two) -> b h l k two", two=2))
-    return rearrange(torch.view_as_real(pairs * pe), "b h l k two -> b h l (k two)").type_as(x)
+    x_even, x_odd = rearrange(x.float(), "b h l (k two) -> two b h l k", two=2)
+    cos, sin = pe.unbind(-1)
+    rotated = torch.stack((cos * x_even - sin * x_odd, sin * x_even + cos * x_odd), dim=-1)
+    return rearrange(rotated, "b h l k two -> b h l (k two)").type_as(x)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
@@ -50,7 +54,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
 
 
 class EmbedND(nn.Module):
-    """RoPE over N position axes (time/row/column): ids (B, L, N) -> pe (B, 1, L, K/2)."""
+    """RoPE over N position axes (time/row/column): ids (B, L, N) -> pe (B, 1, L, K/2, 2),
+    the cosine and sine of every channel pair's angle (angles in float64, as the reference)."""
 
     def __init__(self, theta: int, axes_dim: tuple[int, ...]):
         super().__init__()
@@ -61,7 +66,7 @@ class EmbedND(nn.Module):
         angles = torch.cat(
             [rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-1
         )  # (B, L, K/2)
-        return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(1)
+        return torch.stack((angles.cos(), angles.sin()), dim=-1).float().unsqueeze(1)
 
 
 class MLPEmbedder(nn.Module):

@@ -64,7 +64,9 @@ class TextEncoder(nn.Module):
             return_tensors="pt",
         )
         device = next(self.model.parameters()).device
-        input_ids = tokens["input_ids"].to(device)
+        input_ids = tokens["input_ids"]
+        if device.type != "cpu":  # pinned and asynchronous: the step does not wait for it
+            input_ids = input_ids.pin_memory().to(device, non_blocking=True)
         if self.kind == "t5":
             return self.model(input_ids=input_ids).last_hidden_state
         return self.model(input_ids=input_ids).pooler_output

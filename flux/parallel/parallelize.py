@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
 from torchtitan.config.job_config import Compile
 from torchtitan.distributed import ParallelDims
@@ -48,24 +49,71 @@ def _blocks(model: nn.Module) -> Iterator[tuple[nn.ModuleList, int, nn.Module]]:
             yield blocks, i, block
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, selective_option: str) -> None:
-    """mode 'full': every block recomputes its activations in backward; 'selective' with
-    selective_ac_option N: every N-th block does (counting double then single blocks)."""
-    if mode == "full":
-        every = 1
+# What op-level selective checkpointing keeps from a block's forward (torchtitan's llama
+# policy, with addmm: every FLUX linear has a bias): the outputs of the matmuls and of
+# attention, the bulk of the FLOPs, and of the collectives, so backward never communicates
+# twice. Everything else (norms, modulation, GELU, RoPE: cheap, elementwise) is recomputed.
+_aten, _c10d = torch.ops.aten, torch.ops._c10d_functional
+SAVED_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten._scaled_mm.default,  # float8 matmuls
+    _aten.max.default,  # float8's scales come from the absolute maximum
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_fused_attention_overrideable.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _c10d.all_reduce.default,  # tensor parallelism's row-parallel sums
+    _c10d.all_gather_into_tensor.default,  # context parallelism's keys and values
+    _c10d.reduce_scatter_tensor.default,
+    torch.ops._c10d_functional_autograd.all_gather_into_tensor.default,
+}
+
+
+def _save_matmuls_and_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _op_level_contexts() -> tuple[Any, Any]:
+    return create_selective_checkpoint_contexts(_save_matmuls_and_attention)
+
+
+def apply_activation_checkpointing(
+    model: nn.Module, mode: str, selective_option: str, skip_last_blocks: int = 0
+) -> None:
+    """Checkpoint the blocks (counting double then single blocks, in the order they run),
+    all but the last skip_last_blocks, which keep their activations.
+
+    mode 'full': a checkpointed block recomputes its whole forward in backward.
+    'selective' with selective_ac_option 'op': every block keeps its matmul, attention and
+    collective outputs (SAVED_OPS) and recomputes the rest. 'selective' with an integer N:
+    every N-th block is checkpointed in full."""
+    every, contexts = 1, None
+    if mode == "selective" and selective_option == "op":
+        contexts = _op_level_contexts
     elif mode == "selective":
         if not selective_option.isdigit() or int(selective_option) < 1:
             raise ValueError(
-                f"activation_checkpoint.selective_ac_option {selective_option!r} is not "
-                "supported for flux: give a block interval N >= 1 (per-op selective "
-                "checkpointing is not implemented)"
+                f"activation_checkpoint.selective_ac_option {selective_option!r}: give 'op' "
+                "(op-level checkpointing) or a block interval N >= 1"
             )
         every = int(selective_option)
-    else:
+    elif mode != "full":
         raise ValueError(f"activation_checkpoint.mode {mode!r}: use none, full or selective")
-    for n, (blocks, i, block) in enumerate(_blocks(model)):
+    if skip_last_blocks < 0:
+        raise ValueError(
+            f"activation_checkpoint.skip_last_blocks = {skip_last_blocks}: use 0 or more"
+        )
+    blocks = list(_blocks(model))
+    for n, (block_list, i, block) in enumerate(blocks[: len(blocks) - skip_last_blocks]):
         if n % every == 0:
-            blocks.register_module(str(i), checkpoint_wrapper(block, preserve_rng_state=False))
+            wrapped = (
+                checkpoint_wrapper(block, preserve_rng_state=False)
+                if contexts is None
+                else checkpoint_wrapper(block, preserve_rng_state=False, context_fn=contexts)
+            )
+            block_list.register_module(str(i), wrapped)
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
@@ -114,14 +162,12 @@ def parallelize_flux(
         apply_context_parallel(model, parallel_dims.get_mesh("cp"))
     ac = job_config.activation_checkpoint
     if ac.mode != "none":
-        apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+        apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option, ac.skip_last_blocks)
     if compiles_model(job_config.compile):
         apply_compile(model, job_config.compile.backend)
 
-    if parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled:
-        names = ["fsdp"]
-        if parallel_dims.dp_replicate_enabled:
-            names = ["dp_replicate", "fsdp"] if parallel_dims.dp_shard_enabled else ["dp_replicate"]
+    mesh = fsdp_mesh(parallel_dims)
+    if mesh is not None:
         policy = job_config.parallelism.fsdp_reshard_after_forward
         if policy not in ("default", "always", "never"):
             raise ValueError(
@@ -129,13 +175,24 @@ def parallelize_flux(
             )
         apply_fsdp(
             model,
-            parallel_dims.get_mesh(names),
+            mesh,
             param_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_param],
             reduce_dtype=TORCH_DTYPE_MAP[job_config.training.mixed_precision_reduce],
             cpu_offload=job_config.training.enable_cpu_offload,
             reshard_after_forward=policy != "never",
         )
     return model
+
+
+def fsdp_mesh(parallel_dims: ParallelDims) -> DeviceMesh | None:
+    """The mesh FSDP shards over (dp_shard × cp), with dp_replicate first for HSDP; None
+    without data or context parallelism."""
+    if not (parallel_dims.fsdp_enabled or parallel_dims.dp_replicate_enabled):
+        return None
+    names = ["fsdp"]
+    if parallel_dims.dp_replicate_enabled:
+        names = ["dp_replicate", "fsdp"] if parallel_dims.fsdp_enabled else ["dp_replicate"]
+    return parallel_dims.get_mesh(names)
 
 
 @torch.no_grad()

@@ -3,6 +3,9 @@
     python -m flux.scripts.benchmark model [--hidden 1536 --heads 12 --double 2 --single 4
                                             --img-tokens 256 --txt-tokens 256 --rounds 10]
 
+    python -m flux.scripts.benchmark ac [--hidden 512 --heads 4 --double 2 --single 4
+                                         --img-tokens 256 --txt-tokens 64 --batch 2]
+
     python -m flux.scripts.benchmark data [--img-size 256 512 --workers 0 1 2 --batch 16
                                            --batches 12] [--source webdataset|shapes|imagefolder
                                            --path DIR]
@@ -18,19 +21,25 @@
 `model`: forward+backward time of FluxModel against diffusers' FluxTransformer2DModel at the
 same dimensions and inputs, measured in alternating turns in one process; prints the ratio.
 diffusers comes with the `dev` extra.
+`ac`: the activations a forward of FluxModel leaves for backward (the storages still alive
+after it), and the forward+backward time, with no activation checkpointing, op-level
+selective checkpointing (`selective` + `op`) and full checkpointing; each must give no-AC's
+loss and gradients exactly.
 `data`: samples/s of one rank's data loader (the training process and its workers) at each
 image size and worker count, in total and per worker, and the time one thread takes to turn
 a JPEG into a training image (with and without PIL's reduced-size decode). `webdataset`
 reads shards of --source-size-px photo-like JPEGs it writes to a temporary folder first, or
 those at --path.
-`step`: where the time of one training step of a config goes (trainer arguments, default
-flux/train_configs/debug_model.toml): data loading, text encoding, latent encoding, the
-transformer's forward+backward and the optimizer (clipping and the configured AdamW), the
-mean of --steps steps after --warmup, on one process; images/s, tokens/s, MFU (on a GPU
-torchtitan knows the peak of) and peak memory (CUDA's max allocated; on the CPU the
-process's peak RSS). --cache DIR trains on a precomputed cache; --compare precomputes one
-of the config's data to a temporary folder and runs both, each in a process of its own
-(so each peak RSS is its own).
+`step`: where the time of the trainer's own training step of a config goes (trainer
+arguments, default flux/train_configs/debug_model.toml): FluxTrainer on one process, its
+model sharded by FSDP over that process as every rank of a data-parallel run shards it,
+compiled and checkpointed as configured, with the configured optimizer. The parts: data
+loading, text encoding, latent encoding, the transformer's forward+backward, and the
+optimizer (clipping, the step's verdict, the update); the mean of --steps steps after
+--warmup; images/s, tokens/s, MFU (on a GPU torchtitan knows the peak of) and peak memory
+(CUDA's max allocated; on the CPU the process's peak RSS). --cache DIR trains on a
+precomputed cache; --compare precomputes one of the config's data to a temporary folder
+and runs both, each in a process of its own (so each peak RSS is its own).
 `ema`: what keeping an average of the weights (flux.ema) costs one process per update
 and per validation swap, with the average beside the weights and in host memory
 (cpu_offload: the weights are copied to a host buffer first; on a machine without a GPU
@@ -56,12 +65,14 @@ import sys
 import tarfile
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from flux.model.args import flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
@@ -250,6 +261,112 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class SavedActivations(TorchDispatchMode):
+    """What a forward leaves for backward: the storages ops allocate while this mode is
+    active that are still alive when counted (the tensors autograd saved, and the outputs
+    selective checkpointing keeps). Views and in-place results are their inputs' storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: list[weakref.ref] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _dense(t)}
+        for t in tree_leaves(out):
+            if _dense(t) and t.untyped_storage().data_ptr() not in inputs:
+                self.storages.append(weakref.ref(t.untyped_storage()))
+        return out
+
+    def live_bytes(self) -> int:
+        live = {}
+        for ref in self.storages:
+            storage = ref()
+            if storage is not None:
+                live[storage.data_ptr()] = storage.nbytes()
+        return sum(live.values())
+
+
+def _dense(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and t.device.type != "meta"
+
+
+AC_MODES = {"none": ("none", ""), "op": ("selective", "op"), "full": ("full", "")}
+
+
+def bench_ac(args: argparse.Namespace) -> dict[str, Any]:
+    """Saved activations and forward+backward time of FluxModel under each activation
+    checkpointing mode, and whether each gives no-AC's loss and gradients exactly."""
+    import copy
+
+    from flux.parallel.parallelize import apply_activation_checkpointing
+
+    head_dim = args.hidden // args.heads
+    rope_t = 2 * max(1, head_dim // 16)  # FLUX.1's (16, 56, 56) at head size 128; pairs
+    rope_h = (head_dim - rope_t) // 4 * 2
+    model_args = dataclasses.replace(
+        flux_configs["flux-debug"],
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        depth=args.double,
+        depth_single_blocks=args.single,
+        axes_dim=(rope_t, rope_h, head_dim - rope_t - rope_h),
+    )
+    torch.manual_seed(0)
+    reference = FluxModel(model_args)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.02)
+    inputs = _random_inputs(model_args, args.batch, args.img_tokens, args.txt_tokens)
+    results: dict[str, Any] = {}
+    grads: dict[str, list[torch.Tensor]] = {}
+    for name, (mode, option) in AC_MODES.items():
+        model = copy.deepcopy(reference)
+        if mode != "none":
+            apply_activation_checkpointing(model, mode, option)
+        times = []
+        for round_ in range(args.warmup + args.rounds):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            with SavedActivations() as saved:
+                loss = model(**inputs).float().square().mean()
+            activations = saved.live_bytes()
+            loss.backward()
+            if round_ >= args.warmup:
+                times.append(time.perf_counter() - start)
+        grads[name] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        exact = name == "none" or all(
+            torch.equal(a, b) for a, b in zip(grads[name], grads["none"], strict=True)
+        )
+        results[name] = {
+            "activations_mib": activations / 2**20,
+            "fwd_bwd_ms": 1e3 * statistics.median(times),
+            "loss": loss.item(),
+            "same_gradients_as_none": exact,
+        }
+    return {"threads": torch.get_num_threads(), "batch": args.batch, "modes": results}
+
+
+def _random_inputs(
+    args: Any, batch: int, img_tokens: int, txt_tokens: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    side = int(img_tokens**0.5)  # a square image of img_tokens patches
+    if side * side != img_tokens:
+        raise ValueError(f"--img-tokens {img_tokens} is not a square number (e.g. 256, 1024)")
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "img": torch.randn(batch, img_tokens, args.in_channels, generator=g),
+        "img_ids": image_ids(batch, 2 * side, 2 * side),
+        "txt": torch.randn(batch, txt_tokens, args.context_in_dim, generator=g),
+        "txt_ids": torch.zeros(batch, txt_tokens, 3),
+        "timesteps": torch.rand(batch, generator=g),
+        "y": torch.randn(batch, args.vec_in_dim, generator=g),
+    }
+    if args.guidance_embed:
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 def data_table(result: dict[str, Any]) -> str:
     lines = [f"{result['source']} on {result['cpus']} CPUs, batch {result['batch']}"]
     if result["source_size"]:
@@ -322,7 +439,8 @@ PARTS = {
 
 
 class Laps:
-    """Wall time of consecutive parts of a step, the device synchronized at each lap."""
+    """Wall time of consecutive parts of a step, the device synchronized at each lap (the
+    trainer calls lap at the end of each part: FluxTrainer.lap)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -355,78 +473,56 @@ def peak_rss_mib() -> float:
 
 
 def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, Any]:
-    """Time the parts of training steps of a config, with or without a cache."""
-    from torchtitan.config import TORCH_DTYPE_MAP
+    """Time the parts of the trainer's own training steps of a config, with or without a
+    cache: FluxTrainer on one process, its model sharded by FSDP over that process as every
+    rank of a data-parallel run shards it, compiled and checkpointed as configured, with
+    the configured optimizer; nothing logged, validated or saved."""
     from torchtitan.tools.utils import get_peak_flops
 
     from flux.config import check_config, parse_config
-    from flux.flow import PRECOMPUTED, Encoded, flow_matching_loss
-    from flux.parallel.parallelize import (
-        apply_activation_checkpointing,
-        apply_compile,
-        compiles_model,
-    )
-    from flux.sampling import Streams
-    from flux.train_spec import FluxTrainArgs, build_flux_dataloader, build_preprocessor
+    from flux.flow import PRECOMPUTED
+    from flux.train import one_process
 
     job = parse_config(trainer_args)
     if args.cache is not None:
         job.training.dataset, job.training.dataset_path = PRECOMPUTED, str(args.cache)
     job.validation.enable = False  # the training step only: no validation encoders
+    job.checkpoint.enable = False
+    job.metrics.enable_tensorboard = job.metrics.enable_wandb = False
+    job.metrics.log_freq = args.warmup + args.steps + 1  # only step 1 logs, in the warmup
     check_config(job, world_size=1)
     training = job.training
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_args = FluxTrainArgs.of(flux_configs[job.model.flavor])
-    model_args.update_from_config(job)
-    torch.manual_seed(0)
-    model = FluxModel(model_args).to(device)
-    model.init_weights()
-    if job.activation_checkpoint.mode != "none":
-        apply_activation_checkpointing(
-            model, job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option
+    with one_process(job) as trainer:
+        device = trainer.device
+        laps = Laps(device)
+        trainer.lap = laps.lap
+        data = trainer.batch_generator(trainer.dataloader)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for step in range(1, args.warmup + args.steps + 1):
+            if step == args.warmup + 1:
+                laps.times = {name: [] for name in PARTS}  # warmup done: time what follows
+            trainer.step += 1  # as torchtitan's loop counts and collects garbage
+            trainer.gc_handler.run(trainer.step)
+            laps.start()
+            trainer.train_step(data)
+        trainer.settle()
+        model_args, preprocess = trainer.model_args, trainer.preprocess
+        parts = (preprocess.t5, preprocess.clip, preprocess.autoencoder)
+        frozen = [m for m in parts if m is not None]
+        frozen_bytes = sum(
+            p.numel() * p.element_size() for m in frozen for p in m.parameters() if not p.is_meta
         )
-    if compiles_model(job.compile):
-        apply_compile(model, job.compile.backend)
-    o = job.optimizer
-    optimizer = getattr(torch.optim, o.name)(
-        model.parameters(),
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        fused=o.implementation == "fused",
-        foreach=o.implementation == "foreach",
-    )
-    amp_dtype = TORCH_DTYPE_MAP[training.mixed_precision_param]
-    amp = torch.autocast(device.type, amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    preprocess = build_preprocessor(job, model_args, device)
-    batches = iter(build_flux_dataloader(1, 0, None, job))
+        if device.type == "cuda":
+            peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+            memory = "max allocated CUDA memory"
+        else:
+            peak_mib = peak_rss_mib()
+            memory = "peak RSS"
 
-    laps = Laps(device)
-    for step in range(1, args.warmup + args.steps + 1):
-        if step == args.warmup + 1:
-            laps = Laps(device)  # warmup done: keep only the timed steps
-        laps.start()
-        batch = next(batches)
-        laps.lap("data")
-        streams = Streams.of(training.seed_data, step, batch["keys"], device)
-        txt, y = preprocess.encode_text(batch, preprocess.settings.dropout_prob, streams)
-        laps.lap("text")
-        latents = preprocess.encode_latents(batch, streams)
-        laps.lap("latents")
-        flow = preprocess.sample_flow(Encoded.of(latents, txt, y), streams)
-        with amp:
-            loss = flow_matching_loss(model, flow)
-        loss.backward()
-        laps.lap("fwd_bwd")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_norm, foreach=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        laps.lap("optimizer")
-
-    ms = {name: 1e3 * statistics.mean(t) for name, t in laps.times.items()}
+    ms = {name: 1e3 * sum(t) / args.steps for name, t in laps.times.items()}
     ms["step"] = sum(ms.values())
-    batch_size = training.local_batch_size
+    batch_size = training.local_batch_size * trainer.gradient_accumulation_steps
     images_per_s = batch_size / (ms["step"] / 1e3)
     img_tokens = (training.img_size // 16) ** 2
     txt_tokens = job.encoder.max_t5_encoding_len
@@ -437,15 +533,6 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         if peak != A100_PEAK_FLOPS or "A100" in name:  # torchtitan assumes an A100 if unknown
             flops = training_flops_per_sample(model_args, img_tokens, txt_tokens)
             mfu = 100 * flops * images_per_s / peak
-        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        memory = "max allocated CUDA memory"
-    else:
-        peak_mib = peak_rss_mib()
-        memory = "peak RSS"
-    frozen = [m for m in (preprocess.t5, preprocess.clip, preprocess.autoencoder) if m is not None]
-    frozen_bytes = sum(
-        p.numel() * p.element_size() for m in frozen for p in m.parameters() if not p.is_meta
-    )
     return {
         "flavor": job.model.flavor,
         "dataset": training.dataset,
@@ -454,6 +541,8 @@ def bench_step(args: argparse.Namespace, trainer_args: list[str]) -> dict[str, A
         "threads": torch.get_num_threads(),
         "batch": batch_size,
         "img_size": training.img_size,
+        "compile": job.compile.enable,
+        "activation_checkpoint": job.activation_checkpoint.mode,
         "steps": args.steps,
         "warmup": args.warmup,
         "ms": ms,
@@ -492,8 +581,10 @@ def step_table(results: list[dict[str, Any]]) -> str:
     """The results side by side, one column per run."""
     first = results[0]
     lines = [
-        f"training step of {first['flavor']}: batch {first['batch']} at {first['img_size']}px on "
-        f"{first['device']} ({first['threads']} threads), mean of {first['steps']} steps after "
+        f"the trainer's step of {first['flavor']}: batch {first['batch']} at {first['img_size']}px "
+        f"on {first['device']} ({first['threads']} threads), FSDP over one process, compile "
+        f"{'on' if first['compile'] else 'off'}, activation checkpointing "
+        f"{first['activation_checkpoint']}; mean of {first['steps']} steps after "
         f"{first['warmup']} warmup"
     ]
     names = ["precomputed" if r["cache"] else r["dataset"] for r in results]
@@ -594,6 +685,17 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--rounds", type=positive_int, default=10)
     model.add_argument("--warmup", type=nonnegative_int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
+    ac = sub.add_parser("ac", help="activation checkpointing: saved activations, time")
+    ac.add_argument("--hidden", type=int, default=512)
+    ac.add_argument("--heads", type=int, default=4)
+    ac.add_argument("--double", type=int, default=2)
+    ac.add_argument("--single", type=int, default=4)
+    ac.add_argument("--img-tokens", type=int, default=256)
+    ac.add_argument("--txt-tokens", type=int, default=64)
+    ac.add_argument("--batch", type=int, default=2)
+    ac.add_argument("--rounds", type=int, default=3)
+    ac.add_argument("--warmup", type=int, default=1)
+    ac.add_argument("--json", action="store_true", help="print one JSON object")
     data = sub.add_parser("data", help="data loader throughput")
     data.add_argument("--source", default="shapes", choices=["shapes", "webdataset", "imagefolder"])
     data.add_argument("--path", type=Path, default=None)
@@ -658,6 +760,17 @@ def run(parser: Parser, args: argparse.Namespace, argv: list[str], rest: list[st
             if args.json
             else step_table(results)
         )
+        return
+    if args.command == "ac":
+        result = bench_ac(args)
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(f"FluxModel forward+backward, batch {result['batch']}, {result['threads']} threads")
+        print(f"{'mode':6}{'saved activations (MiB)':>26}{'fwd+bwd (ms)':>15}  gradients")
+        for name, r in result["modes"].items():
+            same = "exactly no-AC's" if r["same_gradients_as_none"] else "DIFFER"
+            print(f"{name:6}{r['activations_mib']:26.1f}{r['fwd_bwd_ms']:15.1f}  {same}")
         return
     if args.command == "ema":
         result = bench_ema(args)

@@ -71,7 +71,7 @@ from flux.data.precomputed import (
 )
 from flux.data.skips import BadSample
 from flux.data.transforms import device_images
-from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders
+from flux.flow import PRECOMPUTED, build_autoencoder, build_text_encoders, encode_images
 from flux.model.args import flux_configs
 from flux.scripts.cli import Parser, fail, nonnegative_int, positive_int
 from flux.seam import quiet
@@ -101,7 +101,7 @@ class Encoders:
     def samples(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """t5 (B, L, D_t5), clip (B, D_clip), moments (B, 2C, h, w) on the CPU."""
         images = device_images(torch.stack([s.image for s in samples]), self.device, self.dtype)
-        moments = self.autoencoder.encoder(images).cpu()
+        moments = encode_images(self.autoencoder, images).cpu()
         return {**self.texts([s.caption for s in samples]), "moments": moments}
 
 

@@ -92,3 +92,28 @@ def test_load_ae_refuses_a_transformer_file(tmp_path) -> None:
     save_file({"img_in.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
     with pytest.raises(ValueError, match="missing"):
         load_ae(tmp_path / "flux.safetensors", AutoEncoderParams(ch=32, ch_mult=(1, 2)))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_gets_contiguous_queries_keys_and_values(
+    pair, monkeypatch, layout: torch.memory_format
+) -> None:
+    """The fused attention kernels take only contiguous q, k, v; the math path they leave
+    for holds the whole (H·W)² score matrix."""
+    from flux.model import autoencoder
+
+    ae, _ = pair
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded(q, k, v, *args, **kwargs):
+        seen.extend(t.is_contiguous() for t in (q, k, v))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(autoencoder.F, "scaled_dot_product_attention", recorded)
+    encoder = ae.encoder.to(memory_format=layout)
+    x = torch.rand(1, 3, 32, 32).contiguous(memory_format=layout)
+    with torch.no_grad():
+        encoder(x)
+    ae.encoder.to(memory_format=torch.contiguous_format)
+    assert seen == [True, True, True]

@@ -10,6 +10,7 @@ import torch
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_activation_checkpointing, apply_compile
+from flux.scripts.benchmark import SavedActivations
 from tests.model.helpers import model_inputs
 
 
@@ -29,17 +30,47 @@ def test_activation_checkpointing_full_and_selective_keep_loss_and_gradients() -
         p.data.add_(torch.randn_like(p) * 0.02)
     inputs = model_inputs(args)
     reference = loss_and_grads(model, inputs)
-    for mode, option, wrapped in (("full", "", 4), ("selective", "2", 2)):
+    blocks = ["double_blocks.0", "double_blocks.1", "single_blocks.0", "single_blocks.1"]
+    # (mode, option, blocks left out at the end, the blocks checkpointed)
+    for mode, option, skip, wrapped in (
+        ("full", "", 0, blocks),
+        ("selective", "2", 0, blocks[::2]),
+        ("selective", "op", 0, blocks),
+        ("full", "", 1, blocks[:3]),
+        ("selective", "op", 3, blocks[:1]),
+    ):
         checkpointed = copy.deepcopy(model)
-        apply_activation_checkpointing(checkpointed, mode, option)
+        apply_activation_checkpointing(checkpointed, mode, option, skip_last_blocks=skip)
         names = [
-            n for n, _ in checkpointed.named_modules() if n.endswith("_checkpoint_wrapped_module")
+            n.removesuffix("._checkpoint_wrapped_module")
+            for n, _ in checkpointed.named_modules()
+            if n.endswith("_checkpoint_wrapped_module")
         ]
-        assert len(names) == wrapped
+        assert names == wrapped
         loss, grads = loss_and_grads(checkpointed, inputs)
         assert loss == reference[0]
         for a, b in zip(grads, reference[1]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_op_level_checkpointing_keeps_less_than_none_and_more_than_full() -> None:
+    args = flux_configs["flux-debug"]
+    torch.manual_seed(0)
+    model = FluxModel(args)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    inputs = model_inputs(args)
+    saved = {}
+    for mode, option in (("none", ""), ("selective", "op"), ("full", "")):
+        checkpointed = copy.deepcopy(model)
+        if mode != "none":
+            apply_activation_checkpointing(checkpointed, mode, option)
+        with SavedActivations() as activations:
+            loss = checkpointed(**inputs).pow(2).mean()
+        saved[mode] = activations.live_bytes()
+        loss.backward()
+    # op-level keeps the matmul and attention outputs: about half of what no AC keeps
+    assert saved["full"] < saved["selective"] < 0.7 * saved["none"], saved
 
 
 def test_every_block_compiles_without_graph_breaks_and_keeps_its_output() -> None:

@@ -37,7 +37,8 @@ LAYOUTS = {
     "tp2": (2, ("--tp", "2")),
     "tp2-fsdp2": (4, ("--tp", "2")),
     "cp2": (2, ("--cp", "2")),
-    "cp2-tp2-compiled": (4, ("--cp", "2", "--tp", "2", "--compile")),  # FSDP over cp too
+    # FSDP over cp too; op-level checkpointing keeps the collectives' outputs
+    "cp2-tp2-compiled-op-ac": (4, ("--cp", "2", "--tp", "2", "--compile", "--op-ac")),
     "tp2-float8": (2, ("--tp", "2", "--float8")),  # against one process's float8 model
 }
 
@@ -70,6 +71,10 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["ema_swap_restored"]
     assert result["ema_saved"] <= 1e-7 and result["ema_saved_updates"]
     assert result["ema_loaded"] == 0.0 and result["ema_loaded_updates"]
+    # T5/CLIP: each rank holds its FSDP share, encodes its share of its group's captions
+    fsdp = nproc // tp
+    assert result["text_encoder_shard"] == pytest.approx(1 / fsdp, rel=0.05)
+    assert result["text_encoders"] <= 1e-5
 
 
 ARGS = (

@@ -2,7 +2,7 @@
 torchrun:
 
     torchrun --nproc_per_node N -m tests.parallel.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
-        [--compile]
+        [--compile] [--op-ac]
 
 The debug model parallelized with TP and CP (and FSDP over the other N / TP ranks, the
 context-parallel ones included, as torchtitan's fsdp mesh does), against the same model
@@ -12,8 +12,9 @@ sample's tokens), then checkpoints both ways through torchtitan's
 ModelWrapper and DCP; and the average of the weights (flux.ema) each rank keeps of its
 shards, its swap into the model and its checkpoints both ways. With `compile`, every
 block is compiled (aot_eager: no C++ compiler needed) between TP and FSDP, as
-parallelize_flux does. Rank 0 writes the largest
-differences to OUT.json.
+parallelize_flux does, and with `op-ac` checkpointed op by op before that. Last, the frozen
+text encoders spread as the trainer spreads them. Rank 0 writes the largest differences to
+OUT.json.
 """
 
 from __future__ import annotations
@@ -36,13 +37,20 @@ from torchtitan.protocols.model_converter import build_model_converters
 from flux.checkpoint import plain_layout
 from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, parse_config
 from flux.ema import EMA, EmaSettings, WeightAverage
+from flux.flow import build_text_encoders
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.context_parallel import apply_context_parallel, shard_sequence
-from flux.parallel.parallelize import apply_compile, apply_fsdp, flux_named_parameters
+from flux.parallel.frozen import SplitTextEncoder, shard_text_encoder
+from flux.parallel.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    flux_named_parameters,
+)
 from flux.parallel.tensor_parallel import apply_tensor_parallel
 from flux.sampling import image_ids, text_ids
-from flux.train_spec import FluxTrainModel
+from flux.train_spec import FluxTrainModel, encoder_settings
 
 BATCH, IMG_TOKENS, TXT_TOKENS = 4, 16, 8
 SCHNELL = str(PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_model.toml")
@@ -172,6 +180,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--op-ac", action="store_true", help="op-level selective checkpointing")
     parser.add_argument("--float8", action="store_true", help="torchtitan's converter, emulated")
     args = parser.parse_args()
     out, folder, tp, cp = args.out, args.folder, args.tp, args.cp
@@ -187,6 +196,8 @@ def main() -> None:
             apply_tensor_parallel(model, mesh["tp"])
         if cp > 1:
             apply_context_parallel(model, mesh["fsdp"])
+        if args.op_ac:
+            apply_activation_checkpointing(model, "selective", "op")
         if args.compile:
             apply_compile(model, "aot_eager")
         if fsdp > 1:
@@ -274,9 +285,37 @@ def main() -> None:
     result["init"] = max_difference(named(fresh), named(one))
 
     result |= ema_checks(parallel, reference, local, batch, folder)
+    result |= text_encoders(mesh, tp, cp)
     if rank == 0:
         out.write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def text_encoders(mesh, tp: int, cp: int) -> dict[str, float]:
+    """T5 and CLIP as the trainer spreads them (flux.parallel.frozen): sharded over the fsdp
+    mesh, each rank of a TP/CP group encoding its share of the group's captions, against
+    the whole encoders on this process. Each data-parallel rank has captions of its own."""
+    settings = encoder_settings(parse_config(["--job.config_file", str(DEBUG_CONFIG)]))
+    whole = build_text_encoders(settings, torch.device("cpu"))
+    spread = build_text_encoders(settings, torch.device("cpu"))
+    groups = [m for m, size in ((mesh["fsdp"], cp), (mesh["tp"], tp)) if size > 1]
+    dp_rank = mesh["fsdp"].get_local_rank() // cp
+    captions = [f"{n} red circles on a white background, rank {dp_rank}" for n in range(5)]
+    differences, fractions = [], []
+    for reference, encoder in zip(whole, spread):
+        if mesh["fsdp"].size() > 1:
+            shard_text_encoder(encoder, mesh["fsdp"])
+        sharded = [p for p in encoder.parameters() if isinstance(p, DTensor)]
+        fractions.append(
+            sum(p.to_local().numel() for p in sharded) / sum(p.numel() for p in sharded)
+            if sharded
+            else 1.0
+        )
+        got = SplitTextEncoder(encoder, groups)(captions)
+        differences.append((got - reference(captions)).abs().max())
+    worst = torch.stack(differences).max()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return {"text_encoders": worst.item(), "text_encoder_shard": max(fractions)}
 
 
 if __name__ == "__main__":

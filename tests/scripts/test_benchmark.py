@@ -1,5 +1,6 @@
-"""flux.scripts.benchmark step: the parts of a training step, with and without a cache;
-benchmark ema: an update of the average of the weights."""
+"""flux.scripts.benchmark: step (the parts of the trainer's step, with and without a
+cache), ac (activation checkpointing's saved activations) and ema (an update of the average
+of the weights)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,20 @@ def test_step_times_each_part_with_and_without_a_cache(tmp_path, capsys) -> None
         assert (result["mfu_percent"] is None) == (not torch.cuda.is_available())
     assert (online["dataset"], cached["dataset"]) == ("shapes", "precomputed")
     assert cached["frozen_weights_mib"] == 0 < online["frozen_weights_mib"]
+    assert online["compile"] is False and online["activation_checkpoint"] == "none"
     table = step_table(results)
     assert "precomputed" in table and "latent encoding (ms)" in table
+    assert "FSDP over one process" in table
+
+
+def test_ac_measures_saved_activations_per_mode_with_no_ac_gradients(capsys) -> None:
+    small = ("--hidden", "64", "--double", "1", "--single", "1", "--img-tokens", "16")
+    main(["ac", *small, "--txt-tokens", "8", "--rounds", "1", "--warmup", "0", "--json"])
+    modes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["modes"]
+    assert list(modes) == ["none", "op", "full"]
+    assert all(m["same_gradients_as_none"] for m in modes.values())
+    saved = [modes[m]["activations_mib"] for m in ("full", "op", "none")]
+    assert 0 < saved[0] < saved[1] < saved[2]
 
 
 def test_ema_times_an_update_with_and_without_cpu_offload(capsys) -> None:
