@@ -72,3 +72,15 @@ def test_the_mlperf_recipe_holds_the_reference_values() -> None:
     assert config.encoder.max_t5_encoding_len == 256
     ae = flux_configs["flux-schnell"].autoencoder_params
     assert (ae.scale_factor, ae.shift_factor) == (0.3611, 0.1159)
+
+
+@pytest.mark.parametrize("ngpu", [8, 64, 512, 1152])
+def test_the_mlperf_recipe_can_be_planned_at_the_benchmarks_scales(ngpu: int) -> None:
+    """What the planner checks before it estimates the time to train (its caches need not
+    exist: a plan is for another machine)."""
+    from flux.plan.planner import PlanSettings, check_plan
+
+    mlperf = PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_mlperf.toml"
+    config = parse_config(["--job.config_file", str(mlperf)])
+    assert [g.name for g in check_plan(config, PlanSettings(ngpu, ("gb200", "h200")))]
+    assert config.validation.samples == -1  # the plan's checks changed a copy
