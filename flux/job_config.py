@@ -93,7 +93,8 @@ class Validation:
     with `python -m flux.scripts.precompute --split validation`)"""
 
     steps: int = 2
-    """Held-out batches per validation (the same ones each time)"""
+    """Held-out batches per validation (the same ones each time; the loss metric: mlperf
+    reads validation.samples)"""
 
     img_size: int = 64
     """Validation images are resized and center-cropped to img_size × img_size"""
