@@ -321,7 +321,25 @@ def check_validation(job_config: JobConfig) -> None:
     at_least("validation.loss_timesteps", validation.loss_timesteps, 1)
     at_least("validation.sampling_steps", validation.sampling_steps, 1)
     at_least("validation.cfg_scale", validation.cfg_scale, 0)
-    if not validation.sample_prompts:
+    at_least("validation.target_loss", validation.target_loss, 0, "0 never stops the run")
+    at_least("validation.every_samples", validation.every_samples, 0, "0: every freq steps")
+    if validation.metric not in ("loss", "mlperf"):
+        raise ConfigError(f"validation.metric = {validation.metric!r}: choose loss or mlperf")
+    if validation.metric == "mlperf":
+        if validation.dataset not in ("shapes", "imagefolder", "precomputed"):
+            raise ConfigError(
+                f"validation.metric = 'mlperf' reads sample i of the held-out set, which "
+                f"validation.dataset = {validation.dataset!r} cannot: use precomputed (a cache "
+                "made with precompute --split validation), imagefolder or shapes"
+            )
+        if validation.samples == -1 and validation.dataset == "shapes":
+            raise ConfigError(
+                "validation.samples = -1 (the whole set) but the shapes source is endless: "
+                "give a number of samples"
+            )
+        if validation.samples != -1:
+            at_least("validation.samples", validation.samples, 1, "or -1: the whole set")
+    elif not validation.sample_prompts:
         raise ConfigError("validation.sample_prompts is empty: give at least one prompt")
 
 

@@ -288,3 +288,10 @@ def flow_matching_loss(model: torch.nn.Module, batch: FlowBatch) -> Tensor:
     """Mean squared error between the predicted and the true velocity."""
     prediction = model(**batch.inputs)
     return F.mse_loss(prediction.float(), batch.target.float())
+
+
+def flow_matching_losses(model: torch.nn.Module, batch: FlowBatch) -> Tensor:
+    """(B,) each sample's mean squared error between the predicted and the true velocity."""
+    prediction = model(**batch.inputs)
+    errors = F.mse_loss(prediction.float(), batch.target.float(), reduction="none")
+    return errors.flatten(1).mean(dim=1)

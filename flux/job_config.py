@@ -93,7 +93,8 @@ class Validation:
     with `python -m flux.scripts.precompute --split validation`)"""
 
     steps: int = 2
-    """Held-out batches per validation (the same ones each time)"""
+    """Held-out batches per validation (the same ones each time; the loss metric: mlperf
+    reads validation.samples)"""
 
     img_size: int = 64
     """Validation images are resized and center-cropped to img_size × img_size"""
@@ -116,6 +117,25 @@ class Validation:
 
     cfg_scale: float = 4.0
     """Classifier-free guidance scale when sampling validation images (1 disables it)"""
+
+    metric: str = "loss"
+    """The validation loss: loss (validation.steps batches, each at every one of the
+    loss_timesteps stratified timesteps), or mlperf (MLPerf Training's FLUX.1 benchmark:
+    sample i of the held-out set at timestep (i mod K)/K with K = loss_timesteps, the mean
+    over the K timesteps of each one's mean over the first validation.samples samples)"""
+
+    samples: int = -1
+    """Held-out samples the mlperf metric evaluates, the first in the set's order (-1: the
+    whole set; the shapes source is endless and needs a number)"""
+
+    target_loss: float = 0.0
+    """Stop the run when the validation loss is at or below this, logging the time to train
+    (samples, steps, wall time, devices), with a checkpoint if checkpointing is on (0: never)"""
+
+    every_samples: int = 0
+    """Validate each time the training samples seen (steps × global batch) pass a multiple
+    of this, whatever the batch size; it replaces validation.freq (0: every freq steps and
+    after step 1)"""
 
 
 @dataclass

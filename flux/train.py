@@ -59,7 +59,7 @@ from flux.resilience import (
 )
 from flux.sampling import Streams
 from flux.train_spec import build_preprocessor, ema_settings
-from flux.validate import FluxValidator
+from flux.validate import FluxValidator, time_to_train_line
 
 
 class FluxTrainer(Trainer):
@@ -99,6 +99,8 @@ class FluxTrainer(Trainer):
         # `benchmark step` times the parts of this very step with it.
         self.lap: Callable[[str], None] = lambda part: None
         self.flux_validator: FluxValidator | None = None
+        self.reached_target = False  # validation.target_loss: the run ends, successfully
+        self.clock: tuple[float, int] = (time.perf_counter(), 0)  # (start, step): time to train
         if job_config.validation.enable:
             assert isinstance(self.validator, FluxValidator)
             self.flux_validator = self.validator
@@ -138,18 +140,19 @@ class FluxTrainer(Trainer):
         """Whether to save this step's checkpoint, `due` by the configured interval: always
         when stopping for a signal, never while the latest step was not applied or the run
         is giving up. Reads the verdicts not yet read (a save waits for the step anyway)."""
-        if not (due or self.preempted):
+        if not (due or self.preempted or self.reached_target):
             return False
         self.settle()
         return self.stop_error is None and not self.nonfinite.in_streak
 
     def should_continue_training(self) -> bool:
-        stop = self.preempted or self.stop_error is not None
+        stop = self.preempted or self.stop_error is not None or self.reached_target
         return not stop and super().should_continue_training()
 
     def train(self) -> None:
         """torchtitan's loop, then the end of the run: the data skipped, the steps not
         applied, and "Training completed" only when the last step was applied."""
+        self.clock = (time.perf_counter(), -1)  # the step it starts from: at its first step
         super().train()
         self.settle()  # the last steps' verdicts: the run ends knowing what each step did
         logger.info(f"data: {self.skips().line()}")
@@ -171,6 +174,8 @@ class FluxTrainer(Trainer):
     def train_step(self, data_iterator: Iterator[dict[str, Any]]) -> None:  # type: ignore[override]
         """One optimizer step over gradient_accumulation_steps micro-batches, its metrics, and
         validation when due: inside the step, so the step's checkpoint comes after it."""
+        if self.clock[1] < 0:  # the first step of this start (after a checkpoint's load)
+            self.clock = (self.clock[0], self.step - 1)
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         loss, grad_norm = self.optimize(data_iterator)
         # The previous step's verdict, read a step late: its copy landed while this step was
@@ -202,6 +207,27 @@ class FluxTrainer(Trainer):
         if self.flux_validator is not None and self.flux_validator.is_due(self.step):
             self.flux_validator.validate(self.model_parts, self.step)
             self.images_since_log = 0  # the metrics' clock restarts after validation
+            self.check_target(self.flux_validator)
+
+    def check_target(self, validator: FluxValidator) -> None:
+        """End the run (after this step's checkpoint) when validation reached its target
+        loss, with the time to train."""
+        loss = validator.reached_target()
+        if loss is None:
+            return
+        self.reached_target = True
+        start, start_step = self.clock
+        line = time_to_train_line(
+            loss,
+            validator.settings.target_loss,
+            self.step,
+            self.step * validator.settings.samples_per_step,
+            time.perf_counter() - start,
+            self.parallel_dims.world_size,
+            self.device.type,
+        )
+        resumed = f" (wall time since the resume at step {start_step})" if start_step else ""
+        logger.info(line + resumed)
 
     def optimize(self, data_iterator: Iterator[dict[str, Any]]) -> tuple[Tensor, Tensor]:
         """Forward and backward over the micro-batches, then the optimizer step, applied or

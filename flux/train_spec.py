@@ -117,10 +117,11 @@ def frozen_parts(job_config: JobConfig) -> FrozenParts:
     online = any(s.dataset != PRECOMPUTED for s in sections)
     texts = TextTable.read(caches[0]) if caches else None
     prompts_cached = texts is not None and texts.has(["", *validation.sample_prompts])
+    draws_images = validation.enable and bool(validation.sample_prompts)  # mlperf may not
     return FrozenParts(
-        text_encoders=online or (validation.enable and not prompts_cached),
+        text_encoders=online or (draws_images and not prompts_cached),
         latent_encoder=online,
-        latent_decoder=validation.enable,
+        latent_decoder=draws_images,
         texts=texts,
     )
 
@@ -145,7 +146,16 @@ def build_preprocessor(
     )
 
 
-def validation_settings(job_config: JobConfig) -> ValidationSettings:
+def global_batch_size(job_config: JobConfig, dp_world_size: int) -> int:
+    """Training samples per optimizer step: local batch × data-parallel ranks × gradient
+    accumulation (training.global_batch_size, or without it one micro-batch per rank)."""
+    training = job_config.training
+    if training.global_batch_size > 0:
+        return training.global_batch_size
+    return training.local_batch_size * dp_world_size
+
+
+def validation_settings(job_config: JobConfig, dp_world_size: int = 1) -> ValidationSettings:
     validation, training = job_config.validation, job_config.training
     sampling = SampleSettings(
         img_size=validation.img_size,
@@ -165,6 +175,11 @@ def validation_settings(job_config: JobConfig) -> ValidationSettings:
         freq=validation.freq,
         loss_timesteps=validation.loss_timesteps,
         sample_prompts=tuple(validation.sample_prompts),
+        metric=validation.metric,
+        samples=validation.samples,
+        target_loss=validation.target_loss,
+        every_samples=validation.every_samples,
+        samples_per_step=global_batch_size(job_config, dp_world_size),
         sampling=sampling,
         seed=training.seed_data,
         folder=Path(job_config.job.dump_folder) / "validation",
@@ -204,7 +219,11 @@ def build_flux_validator(
 ) -> FluxValidator:
     """The TrainSpec's build_validator_fn."""
     return FluxValidator(
-        validation_settings(job_config), dp_world_size, dp_rank, parallel_dims, metrics_processor
+        validation_settings(job_config, dp_world_size),
+        dp_world_size,
+        dp_rank,
+        parallel_dims,
+        metrics_processor,
     )
 
 

@@ -1,9 +1,15 @@
 """Validation: a loss runs can be compared on, and images sampled for fixed prompts.
 
-(a) Loss: the first `validation.steps` batches of the held-out set (the same ones every
-time), each at the same `loss_timesteps` stratified timesteps t_k = (k + 1/2)/K with the
-same noise and no caption dropout, so the number moves only when the model does. It is
-logged as validation_metrics/loss, with the loss at each t_k beside it.
+(a) Loss, by `validation.metric`. "loss": the first `validation.steps` batches of the
+held-out set (the same ones every time), each at the same `loss_timesteps` stratified
+timesteps t_k = (k + 1/2)/K with the same noise and no caption dropout, so the number
+moves only when the model does. "mlperf" (MLPerf Training's FLUX.1 benchmark): sample i
+of the first `validation.samples` of the set, in its order, at t = (i mod K)/K only, with
+its own fixed noise; the metric is the mean over the K timesteps of each one's mean loss.
+Rank r of W evaluates samples r, r + W, ..., and the sums and counts are added over the
+ranks, so the number does not depend on the ranks or the batch size. Either is logged as
+validation_metrics/loss, with the loss at each timestep beside it. A loss at or below
+`validation.target_loss` ends the run (the trainer logs the time to train).
 (b) Images: the prompts of `validation.sample_prompts`, Euler steps with classifier-free
 guidance from fixed noise, saved by rank 0 as <dump_folder>/validation/step_<N>.png, one row
 with each prompt under its image.
@@ -21,10 +27,13 @@ autoencoder encoder for validation's shapes (without_recompiling).
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,10 +43,12 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 
-from flux.data.dataloader import CaptionedImageLoader
-from flux.data.dataset import held_out_seed, split_seed
+from flux.data.dataloader import CaptionedImageLoader, collate
+from flux.data.dataset import CaptionedImages, held_out_seed, split_seed
+from flux.data.skips import BadSample
+from flux.data.streams import DataError
 from flux.ema import WeightAverage
-from flux.flow import FluxPreprocessor, flow_matching_loss
+from flux.flow import FluxPreprocessor, flow_matching_loss, flow_matching_losses
 from flux.generate import SampleSettings, generate, image_grid
 from flux.parallel.context_parallel import whole_sequence
 from flux.parallel.parallelize import forward_only
@@ -61,6 +72,66 @@ def stratified_timesteps(count: int) -> torch.Tensor:
     return (torch.arange(count, dtype=torch.float32) + 0.5) / count
 
 
+def mlperf_timestep_classes(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """The timestep class k = i mod count of each held-out sample i (its t is k / count:
+    count equidistant timesteps in [0, (count - 1)/count], assigned to the samples in turn)."""
+    return indices % count
+
+
+@dataclass
+class TimestepLosses:
+    """Per-sample losses summed, and samples counted, by timestep class k: (K,) each, over
+    one rank's samples or (after all_reduce) over all of them."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def zeros(cls, count: int, device: torch.device) -> TimestepLosses:
+        z = torch.zeros(count, dtype=torch.float64, device=device)
+        return cls(z, z.clone())
+
+    def add(self, classes: torch.Tensor, losses: torch.Tensor, weights: torch.Tensor) -> None:
+        """Samples of classes (B,) with losses (B,); weights (B,) are 1, or 0 for padding."""
+        self.sums.index_add_(0, classes, losses.double() * weights)
+        self.counts.index_add_(0, classes, weights.double())
+
+    def all_reduce(self, group: Any) -> None:
+        """Sums and counts over the ranks of group (every rank calls it)."""
+        for t in (self.sums, self.counts):
+            torch.distributed.all_reduce(t, group=group)
+
+    def per_timestep(self) -> list[float]:
+        """Each class's mean loss (nan where it has no sample)."""
+        return (self.sums / self.counts).tolist()
+
+    def mean(self) -> float:
+        """The metric: the mean over the classes with samples of each one's mean loss."""
+        present = self.counts > 0
+        if not present.any():
+            raise DataError("validation: no usable held-out sample: nothing to average")
+        return (self.sums[present] / self.counts[present]).mean().item()
+
+
+def time_to_train_line(
+    loss: float,
+    target: float,
+    step: int,
+    samples: int,
+    seconds: float,
+    devices: int,
+    device_type: str,
+) -> str:
+    """The line a run that reached validation.target_loss ends with."""
+    kind = "GPU" if device_type == "cuda" else f"{device_type} process"
+    kind += ("es" if kind.endswith("s") else "s") * (devices != 1)
+    return (
+        f"time to train: validation loss {loss:.4f} <= target {target} at step {step}: "
+        f"{samples:,} training samples seen, {seconds:.1f} s ({seconds / 60:.2f} min) wall "
+        f"time on {devices} {kind}"
+    )
+
+
 @dataclass(frozen=True)
 class ValidationSettings:
     """What validation reads, computes and writes ([validation], with the run's seed)."""
@@ -77,6 +148,11 @@ class ValidationSettings:
     seed: int  # the run's data seed; held-out draws derive from it
     folder: Path  # where the image grids go
     weights: tuple[str, ...] = ("raw",)  # "raw" and/or "ema" (the average; flux.ema)
+    metric: str = "loss"  # or "mlperf" (see the module's docstring)
+    samples: int = -1  # mlperf: the first N held-out samples (-1: the whole set)
+    target_loss: float = 0.0  # stop at or below it (0: never)
+    every_samples: int = 0  # validate every N training samples (0: every freq steps)
+    samples_per_step: int = 1  # training samples per optimizer step (the global batch)
 
 
 class FluxValidator(BaseValidator):
@@ -102,6 +178,8 @@ class FluxValidator(BaseValidator):
         self.preprocess: FluxPreprocessor | None = None  # attached by FluxTrainer
         self.device = torch.device("cpu")
         self.average: WeightAverage | None = None
+        self.latest: dict[str, float] = {}  # weights -> loss, of the latest validation
+        self._held_out: CaptionedImages | None = None  # mlperf: read by index
 
     def attach(
         self,
@@ -119,8 +197,20 @@ class FluxValidator(BaseValidator):
         return False
 
     def is_due(self, step: int) -> bool:
-        """After the first step (a baseline to compare with) and every `freq` steps."""
-        return step == 1 or step % self.settings.freq == 0
+        """Each time the training samples seen pass a multiple of every_samples; without it,
+        after the first step (a baseline to compare with) and every `freq` steps."""
+        s = self.settings
+        if s.every_samples:
+            seen, before = step * s.samples_per_step, (step - 1) * s.samples_per_step
+            return seen // s.every_samples > before // s.every_samples
+        return step == 1 or step % s.freq == 0
+
+    def reached_target(self) -> float | None:
+        """The latest validation loss if it is at or below target_loss: the raw weights',
+        or the average's when only it is validated; else None."""
+        loss = self.latest.get("raw", self.latest.get("ema"))
+        target = self.settings.target_loss
+        return loss if target > 0 and loss is not None and loss <= target else None
 
     def loader(self) -> CaptionedImageLoader:
         s = self.settings
@@ -136,30 +226,30 @@ class FluxValidator(BaseValidator):
 
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
         """Validate the weights the settings name: the model's, the average's, or both."""
+        self.latest = {}
         for weights in self.settings.weights:
             average = self.average if weights == "ema" else None
             if weights == "ema" and (average is None or not average.started):
                 logger.info(f"validate step: {step:2}  the EMA has not started: not validated")
                 continue
             with average.swapped_in() if average is not None else nullcontext():
-                self.validate_weights(model_parts, step, weights)
+                self.latest[weights] = self.validate_weights(model_parts, step, weights)
 
     @torch.no_grad()
-    def validate_weights(self, model_parts: list[nn.Module], step: int, weights: str) -> None:
+    def validate_weights(self, model_parts: list[nn.Module], step: int, weights: str) -> float:
+        """Validate the model's current weights; returns the loss."""
         model = model_parts[0]
         model.eval()
         with forward_only(model), whole_sequence(model), without_recompiling():
-            losses, skips = self.loss(model)
-            images = self.sample(model)
+            if self.settings.metric == "mlperf":
+                by_class, skips = self.mlperf_loss(model)
+                loss, per_t = by_class.mean(), by_class.per_timestep()
+                times = [k / len(per_t) for k in range(len(per_t))]
+            else:
+                loss, per_t, skips = self.stratified_loss(model)
+                times = stratified_timesteps(len(per_t)).tolist()
+            images = self.sample(model) if self.settings.sample_prompts else None
         model.train()
-        mean = losses.mean()
-        if self.parallel_dims.dp_enabled:
-            batch_mesh = self.parallel_dims.get_mesh("batch")
-            per_t = [dist_utils.dist_mean(v, batch_mesh) for v in losses]
-            loss = dist_utils.dist_mean(mean, batch_mesh)
-        else:
-            per_t, loss = losses.tolist(), mean.item()
-        times = stratified_timesteps(len(per_t)).tolist()
         name = "ema_loss" if weights == "ema" else "loss"
         extra = {f"validation_metrics/{name}_t{t:.2f}": v for t, v in zip(times, per_t)}
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
@@ -174,8 +264,95 @@ class FluxValidator(BaseValidator):
         else:
             extra |= skipped.metrics("validation_metrics/")
             self.metrics_processor.log_validation(loss, step, extra_metrics=extra)
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if images is not None and rank0:
             self.save_grid(images, step, "ema" if weights == "ema" else "")
+        return loss
+
+    def stratified_loss(self, model: nn.Module) -> tuple[float, list[float], Skips]:
+        """The "loss" metric over the data-parallel ranks, each timestep's, and this rank's
+        skips."""
+        losses, skips = self.loss(model)
+        mean = losses.mean()
+        if self.parallel_dims.dp_enabled:
+            batch_mesh = self.parallel_dims.get_mesh("batch")
+            per_t = [dist_utils.dist_mean(v, batch_mesh) for v in losses]
+            return dist_utils.dist_mean(mean, batch_mesh), per_t, skips
+        return mean.item(), losses.tolist(), skips
+
+    def held_out(self) -> CaptionedImages:
+        """The held-out set, read by index (the mlperf metric)."""
+        if self._held_out is None:
+            s = self.settings
+            seed = split_seed("validation", s.dataset, s.seed)
+            self._held_out = CaptionedImages(s.dataset, s.img_size, seed=seed, path=s.dataset_path)
+        return self._held_out
+
+    def held_out_size(self) -> int:
+        """The samples the mlperf metric evaluates: the first `samples`, or the whole set."""
+        size, wanted = self.held_out().size(), self.settings.samples
+        if wanted == -1:
+            if size is None:
+                raise ValueError(
+                    f"validation.samples = -1 but {self.settings.dataset} has no end: give a "
+                    "number of samples"
+                )
+            return size
+        return wanted if size is None else min(wanted, size)
+
+    def mlperf_loss(self, model: nn.Module) -> tuple[TimestepLosses, Skips]:
+        """The "mlperf" metric's sums and counts by timestep, over all data-parallel ranks,
+        and what this rank skipped and used.
+
+        Every rank runs the same number of forwards (FSDP gathers in each): a rank's short
+        or empty last batch is filled with its first usable sample, weighted 0."""
+        assert self.preprocess is not None, "FluxTrainer attaches the encoders"
+        s, data = self.settings, self.held_out()
+        count = s.loss_timesteps
+        n, w, b = self.held_out_size(), self.dp_world_size, s.local_batch_size
+        mine = list(range(self.dp_rank, n, w))
+        batches = math.ceil(math.ceil(n / w) / b)  # the same on every rank
+        by_class = TimestepLosses.zeros(count, self.device)
+        skipped: Counter[str] = Counter()
+        filler = None
+        for j in range(batches):
+            samples, indices = [], []
+            for i in mine[j * b : (j + 1) * b]:
+                try:
+                    samples.append(data.sample(i))
+                except BadSample as e:
+                    skipped[e.kind] += 1
+                    continue
+                indices.append(i)
+            weights = [1.0] * len(samples)
+            if filler is None and samples:
+                filler = samples[0]
+            if not samples:
+                filler = filler if filler is not None else self.first_usable(mine)
+                samples, indices, weights = [filler], [0], [0.0]
+            batch = collate(samples)
+            streams = Streams.of(held_out_seed(s.seed), 0, batch["keys"], self.device)
+            encoded = self.preprocess.encode(batch, 0.0, streams)
+            noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
+            classes = mlperf_timestep_classes(torch.tensor(indices, device=self.device), count)
+            flow = self.preprocess.flow(encoded, classes.float() / count, noise)
+            losses = flow_matching_losses(model, flow)
+            by_class.add(classes, losses, torch.tensor(weights, device=self.device))
+        batch_mesh = self.parallel_dims.get_optional_mesh("batch")
+        if batch_mesh is not None and batch_mesh.size() > 1:
+            by_class.all_reduce(batch_mesh.get_group())
+        used = len(mine) - sum(skipped.values())
+        return by_class, Skips(skipped, used)
+
+    def first_usable(self, indices: list[int]) -> Any:
+        """A usable held-out sample to fill an empty batch with (its loss weighs 0)."""
+        data = self.held_out()
+        for i in [*indices, *range(self.held_out_size())]:
+            try:
+                return data.sample(i)
+            except BadSample:
+                continue
+        raise DataError(f"validation: no usable sample in {self.settings.dataset_path}")
 
     def loss(self, model: nn.Module) -> tuple[torch.Tensor, Skips]:
         """(K,) mean loss over the held-out batches at each stratified timestep, and what

@@ -1,11 +1,23 @@
-"""The shipped configurations: what their float8 filter keeps in high precision."""
+"""The shipped configurations: each parses and passes the checks that need no files; the
+MLPerf recipe holds the reference's values; what the float8 filter keeps in high precision."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from torch import nn
 from torchao.float8.float8_linear import Float8Linear
 
+from flux.config import (
+    PACKAGE_ROOT,
+    check_ema,
+    check_model,
+    check_training,
+    check_validation,
+    parse_config,
+)
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from tests.parallel.tp_worker import converted, model_and_batch
@@ -29,3 +41,46 @@ def test_the_block_projections_convert_and_compute_close_to_float32() -> None:
         want, got = reference(**batch), model(**batch)
     error = ((got - want).norm() / want.norm()).item()
     assert 0 < error < 0.1, error  # float8's rounding, and only that
+
+
+CONFIGS = sorted((PACKAGE_ROOT / "flux" / "train_configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_passes_its_checks(path: Path) -> None:
+    config = parse_config(["--job.config_file", str(path)])
+    for check in (check_model, check_training, check_ema, check_validation):
+        check(config)
+
+
+def test_the_mlperf_recipe_holds_the_reference_values() -> None:
+    assert "flux_schnell_mlperf.toml" in [p.name for p in CONFIGS]
+    config = parse_config(
+        ["--job.config_file", str(CONFIGS[0].parent / "flux_schnell_mlperf.toml")]
+    )
+    v, t, o = config.validation, config.training, config.optimizer
+    assert (v.enable, v.metric, v.loss_timesteps, v.target_loss) == (True, "mlperf", 8, 0.586)
+    assert (v.every_samples, v.samples, v.sample_prompts) == (262_144, -1, [])
+    assert (config.model.flavor, t.img_size, t.local_batch_size, t.max_norm) == (
+        "flux-schnell",
+        256,
+        16,
+        1.0,
+    )
+    assert (t.timestep_sampling, t.classifier_free_guidance_prob) == ("uniform", 0.1)
+    assert (o.name, o.lr, o.eps, config.lr_scheduler.warmup_steps) == ("AdamW", 1e-4, 1e-8, 0)
+    assert config.encoder.max_t5_encoding_len == 256
+    ae = flux_configs["flux-schnell"].autoencoder_params
+    assert (ae.scale_factor, ae.shift_factor) == (0.3611, 0.1159)
+
+
+@pytest.mark.parametrize("ngpu", [8, 64, 512, 1152])
+def test_the_mlperf_recipe_can_be_planned_at_the_benchmarks_scales(ngpu: int) -> None:
+    """What the planner checks before it estimates the time to train (its caches need not
+    exist: a plan is for another machine)."""
+    from flux.plan.planner import PlanSettings, check_plan
+
+    mlperf = PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_mlperf.toml"
+    config = parse_config(["--job.config_file", str(mlperf)])
+    assert [g.name for g in check_plan(config, PlanSettings(ngpu, ("gb200", "h200")))]
+    assert config.validation.samples == -1  # the plan's checks changed a copy

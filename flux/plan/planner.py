@@ -129,6 +129,8 @@ def check_plan(job: JobConfig, settings: PlanSettings) -> list[GPUProfile]:
     for section in (here.training, here.validation):
         if section.dataset == PRECOMPUTED:
             section.dataset = "shapes"
+            if section is here.validation and here.validation.samples == -1:
+                here.validation.samples = 1  # "the whole cache" has no meaning for shapes
     here.model.converters = []
     check_config(here, world_size=settings.ngpu)
     return gpus
