@@ -1,6 +1,6 @@
 """flux.scripts.benchmark: step (the parts of the trainer's step, with and without a
-cache), ac (activation checkpointing's saved activations) and ema (an update of the average
-of the weights)."""
+cache), ac (activation checkpointing's saved activations), ema (an update of the average
+of the weights) and data (the loader on generated JPEG shards)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ def test_ema_times_an_update_with_and_without_cpu_offload(capsys) -> None:
     assert result["parameters"] == sum(p.numel() for p in FluxModel(ARGS).parameters())
     for key in ("beside_weights", "cpu_offload"):
         assert result[key]["update_ms"] > 0 and result[key]["swap_in_and_out_ms"] > 0
+
+
+def test_data_measures_each_size_and_worker_count_on_generated_shards(capsys) -> None:
+    args = ["--source-size", "128", "--images", "16", "--img-size", "32", "64"]
+    main(["data", *args, "--workers", "0", "1", "--batch", "4", "--batches", "2", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = {(r["img_size"], r["workers"]): r["samples_per_s"] for r in result["runs"]}
+    assert set(runs) == {(32, 0), (32, 1), (64, 0), (64, 1)}
+    assert all(rate > 0 for rate in runs.values())
+    assert set(result["decode"]) == {"32", "64"} and result["source_size"] == 128  # JSON keys
