@@ -74,10 +74,28 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from flux.model.args import flux_configs, training_flops_per_sample
+from flux.model.args import FluxModelArgs, flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.sampling import image_ids
 from flux.scripts.cli import Parser, fail, nonnegative_int, positive_float, positive_int
+
+
+def sized_model_args(base: FluxModelArgs, args: argparse.Namespace) -> FluxModelArgs:
+    """`base` at --hidden, --heads, --double and --single; RoPE's axes split the head as
+    FLUX.1's (16, 56, 56) splits 128, in channel pairs."""
+    if args.hidden % args.heads:
+        raise ValueError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    head_dim = args.hidden // args.heads
+    rope_t = 2 * max(1, head_dim // 16)
+    rope_h = (head_dim - rope_t) // 4 * 2
+    return dataclasses.replace(
+        base,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        depth=args.double,
+        depth_single_blocks=args.single,
+        axes_dim=(rope_t, rope_h, head_dim - rope_t - rope_h),
+    )
 
 
 def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
@@ -91,16 +109,7 @@ def _time_fwd_bwd(step: Callable[[], torch.Tensor]) -> float:
 def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import FluxTransformer2DModel
 
-    head_dim = args.hidden // args.heads
-    rope_t = head_dim // 8
-    model_args = dataclasses.replace(
-        flux_configs["flux-schnell"],
-        hidden_size=args.hidden,
-        num_heads=args.heads,
-        depth=args.double,
-        depth_single_blocks=args.single,
-        axes_dim=(rope_t, (head_dim - rope_t) // 2, (head_dim - rope_t) // 2),
-    )
+    model_args = sized_model_args(flux_configs["flux-schnell"], args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     ours = FluxModel(model_args).to(device)
@@ -113,7 +122,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
             in_channels=model_args.in_channels,
             num_layers=args.double,
             num_single_layers=args.single,
-            attention_head_dim=head_dim,
+            attention_head_dim=args.hidden // args.heads,
             num_attention_heads=args.heads,
             joint_attention_dim=model_args.context_in_dim,
             pooled_projection_dim=model_args.vec_in_dim,
@@ -301,17 +310,7 @@ def bench_ac(args: argparse.Namespace) -> dict[str, Any]:
 
     from flux.parallel.parallelize import apply_activation_checkpointing
 
-    head_dim = args.hidden // args.heads
-    rope_t = 2 * max(1, head_dim // 16)  # FLUX.1's (16, 56, 56) at head size 128; pairs
-    rope_h = (head_dim - rope_t) // 4 * 2
-    model_args = dataclasses.replace(
-        flux_configs["flux-debug"],
-        hidden_size=args.hidden,
-        num_heads=args.heads,
-        depth=args.double,
-        depth_single_blocks=args.single,
-        axes_dim=(rope_t, rope_h, head_dim - rope_t - rope_h),
-    )
+    model_args = sized_model_args(flux_configs["flux-debug"], args)
     torch.manual_seed(0)
     reference = FluxModel(model_args)
     with torch.no_grad():
@@ -613,16 +612,7 @@ def bench_ema(args: argparse.Namespace) -> dict[str, Any]:
 
     model_args = flux_configs[args.flavor]
     if args.hidden:
-        head_dim = args.hidden // args.heads
-        rope_t = head_dim // 8
-        model_args = dataclasses.replace(
-            model_args,
-            hidden_size=args.hidden,
-            num_heads=args.heads,
-            depth=args.double,
-            depth_single_blocks=args.single,
-            axes_dim=(rope_t, (head_dim - rope_t) // 2, (head_dim - rope_t) // 2),
-        )
+        model_args = sized_model_args(model_args, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with torch.device("meta"):
         model = FluxModel(model_args)
@@ -686,15 +676,15 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument("--warmup", type=nonnegative_int, default=2)
     model.add_argument("--json", action="store_true", help="print one JSON object")
     ac = sub.add_parser("ac", help="activation checkpointing: saved activations, time")
-    ac.add_argument("--hidden", type=int, default=512)
-    ac.add_argument("--heads", type=int, default=4)
-    ac.add_argument("--double", type=int, default=2)
-    ac.add_argument("--single", type=int, default=4)
-    ac.add_argument("--img-tokens", type=int, default=256)
-    ac.add_argument("--txt-tokens", type=int, default=64)
-    ac.add_argument("--batch", type=int, default=2)
-    ac.add_argument("--rounds", type=int, default=3)
-    ac.add_argument("--warmup", type=int, default=1)
+    ac.add_argument("--hidden", type=positive_int, default=512)
+    ac.add_argument("--heads", type=positive_int, default=4)
+    ac.add_argument("--double", type=positive_int, default=2)
+    ac.add_argument("--single", type=positive_int, default=4)
+    ac.add_argument("--img-tokens", type=positive_int, default=256)
+    ac.add_argument("--txt-tokens", type=positive_int, default=64)
+    ac.add_argument("--batch", type=positive_int, default=2)
+    ac.add_argument("--rounds", type=positive_int, default=3)
+    ac.add_argument("--warmup", type=nonnegative_int, default=1)
     ac.add_argument("--json", action="store_true", help="print one JSON object")
     data = sub.add_parser("data", help="data loader throughput")
     data.add_argument(
@@ -726,11 +716,13 @@ def main(argv: list[str] | None = None) -> None:
     step.add_argument("--json", action="store_true", help="print JSON")
     ema = sub.add_parser("ema", help="cost of the average of the weights (EMA) per update")
     ema.add_argument("--flavor", default="flux-debug", choices=sorted(flux_configs))
-    ema.add_argument("--hidden", type=int, default=0, help="other dimensions than the flavor's")
-    ema.add_argument("--heads", type=int, default=8)
-    ema.add_argument("--double", type=int, default=4)
-    ema.add_argument("--single", type=int, default=8)
-    ema.add_argument("--updates", type=int, default=10, help="timed updates")
+    ema.add_argument(
+        "--hidden", type=nonnegative_int, default=0, help="other dimensions than the flavor's"
+    )
+    ema.add_argument("--heads", type=positive_int, default=8)
+    ema.add_argument("--double", type=positive_int, default=4)
+    ema.add_argument("--single", type=positive_int, default=8)
+    ema.add_argument("--updates", type=positive_int, default=10, help="timed updates")
     ema.add_argument("--json", action="store_true", help="print one JSON object")
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
