@@ -33,8 +33,13 @@ def read_rows(tsv: Path) -> list[tuple[str, str]]:
             rows = list(csv.DictReader(f, delimiter="\t"))
     except OSError as e:
         raise SubsetError(f"--tsv {tsv}: {e.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise SubsetError(f"--tsv {tsv} is not a UTF-8 TSV ({e}): give val2014_30k.tsv") from None
     if not rows or not {"image_id", "caption"} <= set(rows[0]):
         raise SubsetError(f"--tsv {tsv}: expected tab-separated columns image_id and caption")
+    for i, row in enumerate(rows):
+        if row["image_id"] is None or row["caption"] is None:  # a row cut short
+            raise SubsetError(f"--tsv {tsv}: row {i} has no image_id or caption column")
     return [(row["image_id"], row["caption"]) for row in rows]
 
 
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args: argparse.Namespace = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         count = write_subset(read_rows(args.tsv), args.images, args.output)
-    except SubsetError as e:
+    except (SubsetError, OSError) as e:  # OSError: the output cannot be written
         fail(p.prog, e)
     print(f"{args.output}: {count} images and captions, in the TSV's order")
 

@@ -52,3 +52,24 @@ def test_a_missing_image_is_refused_in_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "row 1:" in err and "not found" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"image_id\tcaption\n7\tcaf\xe9\n", "is not a UTF-8 TSV"),
+        (b"id\timage_id\tcaption\n0\t7\n", "row 0 has no image_id or caption column"),
+    ],
+)
+def test_a_tsv_that_is_not_the_subsets_is_refused_in_one_line(
+    tmp_path, capsys, content: bytes, expected: str
+) -> None:
+    _, images = coco(tmp_path)
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_bytes(content)
+    args = ["--tsv", str(tsv), "--images", str(images), "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit):
+        coco_subset.main(args)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "o").exists()
