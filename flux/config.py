@@ -12,9 +12,12 @@ checked before the processes start is checked here; flux.train's main and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -139,11 +142,27 @@ def parse_config(args: list[str]) -> JobConfig:
                 f"{CUSTOM_CONFIG_MODULE!r} (or leave it out)"
             )
         check_toml(values, merged_config_class(), path)
+    said = io.StringIO()
     try:
-        return ConfigManager().parse_args(args)
+        with contextlib.redirect_stderr(said):
+            job_config = ConfigManager().parse_args(args)
     except (AssertionError, ValueError) as e:  # torchtitan's own checks of a few fields
         message = " ".join(str(e).split()) or type(e).__name__
         raise ConfigError(f"{TORCHTITAN_CHECKS.get(message, message)}: fix it") from None
+    except SystemExit as e:  # tyro's refusal of a value (a type, a choice), drawn as a box
+        if not e.code:
+            raise
+        raise ConfigError(one_line_of_tyro(said.getvalue())) from None
+    sys.stderr.write(said.getvalue())  # what parsing said besides (warnings), passed on
+    return job_config
+
+
+def one_line_of_tyro(box: str) -> str:
+    """tyro's error box as one line: its words, without the frame and the --help advice."""
+    lines = [line.strip(" │╭╮╰╯─") for line in box.splitlines()]
+    words = " ".join(line for line in lines if line and "helptext" not in line)
+    title = r"^(Invalid choice|Value error|Parsing error|Unrecognized options)\s+"
+    return " ".join(re.sub(title, "", words).split())
 
 
 # What torchtitan's own checks of its config fields say, said with the setting's name.
@@ -660,8 +679,6 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m flux.config ARGS`: check a job's configuration as the trainer would (the
     world size from WORLD_SIZE), print one line and exit 2 if it is refused. run_train.sh
     runs it before torchrun, so a refused config is one line, not a launcher traceback."""
-    import sys
-
     try:
         check_config(parse_config(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:

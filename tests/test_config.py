@@ -247,6 +247,10 @@ def bad_settings(tmp: Path) -> list[tuple[tuple[str, ...], str]]:
     ckpt = ("--checkpoint.enable", "--job.dump_folder", str(tmp / "run"))
     return [
         (("--training.steps", "-1"), "training.steps = -1: use 1 or more"),
+        (("--training.steps", "abc"), "Error parsing --training.steps"),  # tyro's refusals
+        (("--training.attention_backend", "bogus"), "invalid choice 'bogus'"),
+        (("--ema.validation", "neither"), "invalid choice 'neither' for argument '--ema.val"),
+        (("--training.no_such_setting", "3"), "Unrecognized options: --training.no_such_set"),
         (("--training.steps", "0"), "training.steps = 0"),
         (("--training.local_batch_size", "0"), "training.local_batch_size = 0"),
         (("--training.global_batch_size", "12"), "global_batch_size = 12 is not a multiple"),
