@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torchtitan.config import ConfigManager, JobConfig
 
+from flux.data.buckets import Buckets, tokens
+from flux.data.buckets import name as bucket_name
 from flux.sampling import PIXELS_PER_TOKEN, check_image_size
 
 if TYPE_CHECKING:
@@ -197,7 +199,7 @@ def check_config(
     check_checkpoint(job_config)
     check_data(job_config)
     training, encoder = job_config.training, job_config.encoder
-    img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
+    img_tokens = max(tokens(size) for size in data_buckets(job_config, training.img_size).sizes)
     training.seq_len = img_tokens + encoder.max_t5_encoding_len
     if parallelism:
         check_parallelism(job_config, _world_size() if world_size is None else world_size)
@@ -273,6 +275,7 @@ def check_training(job_config: JobConfig) -> None:
         1,
         "the share of skipped samples that stops the run",
     )
+    check_buckets(job_config)
     at_least("encoder.max_t5_encoding_len", job_config.encoder.max_t5_encoding_len, 1)
     at_least("optimizer.lr", optimizer.lr, 0)
     at_least("optimizer.eps", optimizer.eps, 0)
@@ -328,6 +331,56 @@ def check_activation_checkpoint(ac: Any) -> None:
             "matmul and attention outputs, recompute the rest) or a block interval N >= 1"
         )
     at_least("activation_checkpoint.skip_last_blocks", ac.skip_last_blocks, 0)
+
+
+def check_buckets(job_config: JobConfig) -> None:
+    """Aspect buckets: listed sizes are pairs of multiples of 16; an upscale limit above 0;
+    no listed sizes for square crops."""
+    training = job_config.training
+    if training.buckets == "square":
+        if training.bucket_sizes:
+            raise ConfigError(
+                "training.bucket_sizes is set but training.buckets = 'square' crops every image "
+                "to img_size: set training.buckets = 'aspect', or remove the sizes"
+            )
+        return
+    if not training.max_upscale > 0:
+        raise ConfigError(
+            f"training.max_upscale = {training.max_upscale}: use a positive factor (1: never "
+            "enlarge an image)"
+        )
+    for pair in training.bucket_sizes:
+        if len(pair) != 2:
+            raise ConfigError(
+                f"training.bucket_sizes has {pair}: give [width, height] pairs, e.g. [[512, 512], "
+                "[576, 448]]"
+            )
+        for side in pair:
+            try:
+                check_image_size(side, f"training.bucket_sizes' side of {pair}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    if job_config.validation.enable and job_config.validation.metric == "mlperf":
+        raise ConfigError(
+            "validation.metric = 'mlperf' evaluates the held-out set at one square size, but "
+            "training.buckets = 'aspect': use validation.metric = 'loss', or square buckets"
+        )
+
+
+def data_buckets(job_config: JobConfig, img_size: int) -> Buckets:
+    """The buckets images are fitted to at img_size: training.buckets' kind; listed sizes
+    at training's img_size, generated ones otherwise (picked for context parallelism's
+    token counts)."""
+    training = job_config.training
+    if training.buckets == "square":
+        return Buckets.square(img_size)
+    listed = training.bucket_sizes if img_size == training.img_size else []
+    return Buckets.aspect(
+        img_size,
+        [(w, h) for w, h in listed],
+        training.max_upscale,
+        job_config.parallelism.context_parallel_degree,
+    )
 
 
 def check_validation(job_config: JobConfig) -> None:
@@ -550,15 +603,22 @@ def check_parallelism(job_config: JobConfig, world_size: int) -> None:
             f"{dp}: use a multiple of it, or 0"
         )
     training, encoder, cp = job_config.training, job_config.encoder, p.context_parallel_degree
-    img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
-    for what, tokens in (
-        (f"training.img_size {training.img_size} gives {img_tokens} image tokens", img_tokens),
+    counts = [
         (
             f"encoder.max_t5_encoding_len is {encoder.max_t5_encoding_len}",
             encoder.max_t5_encoding_len,
-        ),
-    ):
-        if tokens % cp:
+        )
+    ]
+    if training.buckets == "square":
+        img_tokens = (training.img_size // PIXELS_PER_TOKEN) ** 2
+        what = f"training.img_size {training.img_size} gives {img_tokens} image tokens"
+        counts.insert(0, (what, img_tokens))
+    else:  # generated buckets are picked for it; listed ones are checked
+        for size in data_buckets(job_config, training.img_size).sizes:
+            what = f"training.bucket_sizes' {bucket_name(size)} has {tokens(size)} image tokens"
+            counts.append((what, tokens(size)))
+    for what, count in counts:
+        if count % cp:
             raise ConfigError(
                 f"{what}, which do not split into parallelism.context_parallel_degree = {cp} "
                 "equal parts: make the token count a multiple of it"

@@ -34,7 +34,22 @@ class Encoder:
 @dataclass
 class Training:
     img_size: int = 64
-    """Training images are resized and center-cropped to img_size × img_size"""
+    """Training images are resized and center-cropped to img_size × img_size (buckets =
+    "aspect": to buckets of about img_size² pixels)"""
+
+    buckets: Literal["square", "aspect"] = "square"
+    """How images are fitted: square (each image's centre square, resized to img_size ×
+    img_size) or aspect (aspect-ratio buckets of about img_size² pixels, sides multiples of
+    16, ratios 1:4 to 4:1: each image goes to the bucket nearest its aspect ratio, resized
+    to cover it and centre-cropped; each micro-batch holds one bucket)"""
+
+    bucket_sizes: list[list[int]] = field(default_factory=list)
+    """With buckets = "aspect": the buckets, as [width, height] pairs in pixels, multiples of
+    16 (empty: 17 generated for img_size, at ratios 2^(k/4) from 1:4 to 4:1)"""
+
+    max_upscale: float = 1.0
+    """With buckets = "aspect": the most an image may be enlarged to cover its bucket; a
+    smaller image is skipped and counted ("image too small")"""
 
     classifier_free_guidance_prob: float = 0.1
     """Probability of replacing a caption with the empty prompt, for each encoder

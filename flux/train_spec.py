@@ -23,6 +23,7 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 
+from flux.config import data_buckets
 from flux.data.dataloader import CaptionedImageLoader
 from flux.data.precomputed import TextTable
 from flux.ema import EmaSettings
@@ -90,6 +91,7 @@ def build_flux_dataloader(
         persistent_workers=training.dataloader.persistent_workers,
         shards_open=training.shards_open,
         data_streams=training.data_streams,
+        buckets=data_buckets(job_config, training.img_size),
     )
 
 

@@ -6,6 +6,12 @@ training process stacks them into batches of uint8 images (pinned with `pin_memo
 non-blocking copy to the device). The state is what the training process has taken, so it
 does not depend on how far the workers have read ahead, nor on their number.
 
+A batch holds one bucket (flux.data.buckets): each sample joins its bucket's list, and a list
+that reaches the batch size is the next batch. So buckets come in proportion to the data, in
+an order fixed by the data's order (the seed). Samples waiting in a list are part of the
+state, by reference (CaptionedImages.pending): a resumed run reads them again first. With
+one bucket (square crops) nothing waits between batches.
+
 Checkpoints hold one entry per data-parallel rank (`dp_rank_N`: that rank's state). Before a
 load, the checkpoint code tells the loader which entries the checkpoint holds
 (expect_saved_ranks); the loader then asks for those that hold the streams it reads now
@@ -28,8 +34,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.tools.logging import logger
 
-from flux.data.dataset import STATE_FORMAT, CaptionedImages, Item, merge_states
+from flux.data.buckets import Buckets, Size
+from flux.data.dataset import STATE_FORMAT, CaptionedImages, Item, Sample, merge_states
 from flux.data.precomputed import TENSORS, CachedSample
+from flux.data.skips import BadSample, Skip
+from flux.data.streams import Ref
 
 ENTRY = "dp_rank_"
 
@@ -43,6 +52,44 @@ def collate(samples: list[Any], pin_memory: bool = False) -> dict[str, Any]:
     else:
         tensors = {"images": stack([s.image for s in samples], pin_memory)}
     return {**tensors, "captions": [s.caption for s in samples], "keys": [s.key for s in samples]}
+
+
+def bucket_of(sample: Sample | CachedSample) -> Size:
+    """A sample's bucket (width, height) in pixels, from its image or its latent moments
+    (the autoencoder downsamples 8×)."""
+    if isinstance(sample, CachedSample):
+        return sample.moments.shape[2] * 8, sample.moments.shape[1] * 8
+    return sample.image.shape[2], sample.image.shape[1]
+
+
+class BucketLists:
+    """Samples taken, waiting in their bucket's list until it holds a batch."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.lists: dict[Size, list[tuple[int, Any, int, Ref]]] = {}  # (order, sample, stream, ref)
+        self.count = 0  # samples added so far (their order)
+
+    def add(self, sample: Any, stream: int, ref: Ref) -> list[Any] | None:
+        """Add a sample; its bucket's batch when that is full (the list starts again)."""
+        waiting = self.lists.setdefault(bucket_of(sample), [])
+        waiting.append((self.count, sample, stream, ref))
+        self.count += 1
+        if len(waiting) < self.batch_size:
+            return None
+        del self.lists[bucket_of(sample)]
+        return [s for _, s, _, _ in waiting]
+
+    def pending(self) -> list[tuple[int, Ref]]:
+        """(stream, ref) of the samples waiting, in the order they were taken."""
+        waiting = sorted(w for lists in self.lists.values() for w in lists)
+        return [(stream, ref) for _, _, stream, ref in waiting]
+
+    def rest(self) -> Iterator[list[Any]]:
+        """The partly filled lists, oldest first (at the end of a single pass)."""
+        for waiting in sorted(self.lists.values(), key=lambda w: w[0][0]):
+            yield [s for _, s, _, _ in waiting]
+        self.lists = {}
 
 
 def stack(parts: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
@@ -101,6 +148,7 @@ class CaptionedImageLoader(BaseDataLoader):
         persistent_workers: bool = False,
         shards_open: int = 8,
         data_streams: int = 0,
+        buckets: Buckets | None = None,
     ):
         if num_workers < 0 or (prefetch_factor is not None and prefetch_factor < 1):
             raise ValueError(
@@ -110,7 +158,7 @@ class CaptionedImageLoader(BaseDataLoader):
         streams = data_streams or dp_world_size * max(1, num_workers)
         self.dataset = CaptionedImages(
             source, img_size, dp_rank, dp_world_size, seed, path,
-            streams=streams, shards_open=shards_open,
+            streams=streams, shards_open=shards_open, buckets=buckets,
         )  # fmt: skip
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -149,18 +197,35 @@ class CaptionedImageLoader(BaseDataLoader):
         return iter(loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        items = self._items()
-        while True:
-            samples = []
-            for item in items:
-                self.dataset.take(item)
-                if item.sample is not None:
-                    samples.append(item.sample)
-                    if len(samples) == self.batch_size:
-                        break
-            if not samples:
-                return
-            yield collate(samples, self.pin_memory)
+        lists = BucketLists(self.batch_size)
+        yield from self._pending(lists)
+        for item in self._items():
+            self.dataset.take(item)
+            if item.sample is None:
+                continue
+            full = lists.add(item.sample, item.stream, item.ref)
+            if full is not None:
+                self.dataset.pending = lists.pending()  # the state, while the batch trains
+                yield collate(full, self.pin_memory)
+        for rest in lists.rest():  # a single pass's end
+            self.dataset.pending = lists.pending()
+            yield collate(rest, self.pin_memory)
+
+    def _pending(self, lists: BucketLists) -> Iterator[dict[str, Any]]:
+        """The samples a loaded state left waiting, read again into their lists (a list
+        they fill is a batch at once: after a resume on fewer ranks, or at another size)."""
+        saved = self.dataset.pending
+        for i, (stream, ref) in enumerate(saved):
+            try:
+                sample = self.dataset.reread(ref)
+            except BadSample as e:
+                self.dataset.skips.add(Skip(e.kind, f"a waiting sample {ref}", e.detail))
+                continue
+            full = lists.add(sample, stream, ref)
+            if full is not None:
+                self.dataset.pending = lists.pending() + saved[i + 1 :]
+                yield collate(full, self.pin_memory)
+        self.dataset.pending = lists.pending()
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

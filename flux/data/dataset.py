@@ -9,9 +9,15 @@ encoders' outputs, instead of images.
 
 Rank r of W reads its streams r, r + W, ... in turn. A reader (the training process, or
 each of the rank's dataloader workers, which split its streams) hands on Items: a sample,
-its stream's position after it, and what was skipped on the way. The rank's CaptionedImages
-in the training process takes them in order (take), so its positions, counts and skip log
-are exactly what the training step has consumed, whatever the workers have read ahead.
+its stream's position after it, its reference (what reads it again), and what was skipped
+on the way. The rank's CaptionedImages in the training process takes them in order (take),
+so its positions, counts and skip log are exactly what the training step has consumed,
+whatever the workers have read ahead.
+
+Images are fitted to buckets (flux.data.buckets): one square, or aspect buckets. Samples
+taken but waiting in a partly filled bucket (flux.data.dataloader) are `pending`: the state
+keeps their references, and a resumed run reads them again (reread), on the rank that reads
+their stream then.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.tools.logging import logger
 
+from flux.data.buckets import Buckets, TooSmall
 from flux.data.imagefolder import list_images, load_pair
 from flux.data.precomputed import UNREADABLE, CachedSample, CacheError, PrecomputedCache
 from flux.data.shapes import shapes_sample
@@ -35,14 +42,16 @@ from flux.data.shards import (
     count_records,
     decode_record,
     list_shards,
+    read_records,
     shard_location,
     shards_digest,
 )
-from flux.data.skips import UNDECODABLE_IMAGE, BadSample, Skip, SkipLog
+from flux.data.skips import IMAGE_TOO_SMALL, UNDECODABLE_IMAGE, BadSample, Skip, SkipLog
 from flux.data.streams import (
     DataError,
     IndexedStream,
     Position,
+    Ref,
     ShardStream,
     check_enough_records,
 )
@@ -93,11 +102,13 @@ class Item:
     position: Position | None = None
     skips: list[Skip] = field(default_factory=list)
     error: str | None = None
+    ref: Ref = field(default_factory=list)  # what reads the sample again (reread)
 
 
 class CaptionedImages(Stateful):
     """The samples of one data-parallel rank, endlessly (Samples, or CachedSamples for
-    `precomputed`), with their positions, skip counts and state."""
+    `precomputed`), with their positions, skip counts and state. Images are fitted to
+    `buckets` (default: the img_size × img_size square)."""
 
     def __init__(
         self,
@@ -110,6 +121,7 @@ class CaptionedImages(Stateful):
         report_every_s: float = 60.0,
         streams: int = 0,
         shards_open: int = 8,
+        buckets: Buckets | None = None,
     ):
         if source not in SOURCES:
             raise ValueError(f"unknown dataset {source!r}: choose one of {', '.join(SOURCES)}")
@@ -120,6 +132,7 @@ class CaptionedImages(Stateful):
         if shards_open < 1:
             raise ValueError(f"training.shards_open = {shards_open}: use 1 or more")
         self.source, self.img_size, self.seed = source, img_size, seed
+        self.buckets = buckets or Buckets.square(img_size)
         self.rank, self.world_size = rank, world_size
         self.streams = streams or world_size
         check_streams(self.streams, world_size)
@@ -136,8 +149,12 @@ class CaptionedImages(Stateful):
             check_enough_records(counts, self.streams, self.location)
         self.positions: dict[int, Position] = {}  # stream -> after its last sample taken
         self.consumed = 0  # samples this rank has taken (its turn among its streams)
+        self.taken: dict[int, int] = {}  # stream -> its samples taken
         self.skips = SkipLog(report_every_s)
         self._shard_problems: set[tuple[str, str]] = set()  # logged once each
+        # (stream, ref) of samples taken but not yet trained on, in the order taken: the
+        # loader keeps it current; a loaded state sets it to those of this rank's streams
+        self.pending: list[tuple[int, Ref]] = []
 
     @property
     def streamed(self) -> bool:
@@ -174,26 +191,46 @@ class CaptionedImages(Stateful):
             except CacheError as e:  # its shard went bad after start-up: its samples are lost
                 raise BadSample(UNREADABLE, str(e).removeprefix(f"{UNREADABLE}: ")) from e
         if self.files:
-            image, caption = load_pair(self.files[index], self.img_size)
+            image, caption = load_pair(self.files[index], self.buckets)
         else:
             image, caption = shapes_sample(self.seed, index, self.img_size)
         return Sample(self._tensor(image), caption, self.key(index))
 
     def _tensor(self, image: Any) -> torch.Tensor:
         try:
-            return image_to_tensor(image, self.img_size)
+            return image_to_tensor(image, self.buckets)
+        except TooSmall as e:
+            raise BadSample(IMAGE_TOO_SMALL, str(e)) from e
         except ValueError as e:
             raise BadSample(UNDECODABLE_IMAGE, str(e)) from e
 
     def _decode(self, shard: Shard, record: Record) -> Sample:
-        image, caption = decode_record(record.files, self.img_size)
+        image, caption = decode_record(record.files, self.buckets)
         return Sample(self._tensor(image), caption, f"{shard.name}:{record.key}")
+
+    def reread(self, ref: Ref) -> Sample | CachedSample:
+        """The sample a reference names (Item.ref), read again; raises BadSample if it
+        cannot be read now."""
+        if not self.shards:
+            return self.sample(ref[0])
+        shard_index, index, offset = ref
+        shard = self.shards[shard_index]
+        records = read_records(shard, index, offset)
+        try:
+            record = next(records, None)
+        except Exception as e:  # ShardProblem, or the file is gone
+            raise BadSample(UNDECODABLE_IMAGE, f"{shard.name} record {index}: {e}") from e
+        finally:
+            records.close()  # type: ignore[attr-defined]
+        if record is None or record.index != index:
+            raise BadSample(UNDECODABLE_IMAGE, f"{shard.name} has no record {index} now")
+        return self._decode(shard, record)
 
     def _check_some_sample_is_usable(self) -> None:
         """Fail (naming the path) when an indexed source has no usable sample at all."""
         for file in self.files:
             try:
-                self._tensor(load_pair(file, self.img_size)[0])
+                self._tensor(load_pair(file, self.buckets)[0])
                 return
             except BadSample:
                 continue
@@ -207,8 +244,8 @@ class CaptionedImages(Stateful):
         """The streams this rank reads, in the order it takes its samples from them."""
         return list(range(self.rank, self.streams, self.world_size))
 
-    def _stream_items(self, stream: int, once: bool) -> Iterator[tuple[Any, Position]]:
-        """(sample or Skip, the stream's position after it)."""
+    def _stream_items(self, stream: int, once: bool) -> Iterator[tuple[Any, Position, Ref]]:
+        """(sample or Skip, the stream's position after it, the sample's reference)."""
         position = self.positions.get(stream)
         if self.shards:
             s = ShardStream(
@@ -216,11 +253,11 @@ class CaptionedImages(Stateful):
                 self.location,
             )  # fmt: skip
             for thing in s.items(self._decode, once):
-                yield thing, s.position()
+                yield thing, s.position(), s.last_ref
         else:
             i = IndexedStream(stream, self.streams, self.size(), self.seed, position)
             for thing in i.items(self.sample, self.key, once, self._check_some_sample_is_usable):
-                yield thing, i.position()
+                yield thing, i.position(), i.last_ref
 
     def items(self, worker: int = 0, workers: int = 1, once: bool = False) -> Iterator[Item]:
         """Worker `worker` of `workers`' part of this rank's samples, from the current state:
@@ -237,11 +274,11 @@ class CaptionedImages(Stateful):
         try:
             while turns:
                 for q in list(turns):
-                    for thing, position in readers[q]:
+                    for thing, position, ref in readers[q]:
                         if isinstance(thing, Skip):
                             skips.append(thing)
                             continue
-                        yield Item(thing, local[q], position, skips)
+                        yield Item(thing, local[q], position, skips, ref=ref)
                         skips = []
                         break
                     else:
@@ -266,6 +303,7 @@ class CaptionedImages(Stateful):
         if item.sample is not None:
             self.positions[item.stream] = item.position  # type: ignore[assignment]
             self.consumed += 1
+            self.taken[item.stream] = self.taken.get(item.stream, 0) + 1
         if self.skips.due():
             logger.warning(f"dataset {self.source} (rank {self.rank}): {self.skip_report()}")
 
@@ -290,15 +328,18 @@ class CaptionedImages(Stateful):
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's part of the global state: its streams' positions (None: not started)
-        and its turn. Plain values (precompute keeps it in JSON)."""
+        """This rank's part of the global state: its streams' positions (None: not started),
+        its turn, and its pending samples' references. Plain values (precompute keeps it in
+        JSON)."""
         return {
             "format": STATE_FORMAT,
             "streams": self.streams,
             "world_size": self.world_size,
             "consumed": self.consumed,
+            "taken": {str(k): self.taken.get(k, 0) for k in self.rank_streams()},
             "positions": {str(k): self.positions.get(k) for k in self.rank_streams()},
             "shards": shards_digest(self.shards) if self.shards else None,
+            "pending": [[stream, ref] for stream, ref in self.pending],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -308,9 +349,16 @@ class CaptionedImages(Stateful):
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a {STATE_FORMAT} data state: {sorted(state)}")
         streams, taken = state["streams"], state["consumed"] * state["world_size"]
-        if streams % self.world_size or taken % self.world_size:
+        pending = [(int(stream), list(ref)) for stream, ref in state.get("pending", [])]
+        counts = state.get("taken") or balanced_counts(state)
+        if streams % self.world_size:
             if not self.shards:
                 self._continue_after(taken)
+                # an index reads the same on any rank: ranks that loaded the same saved
+                # states share their pending samples in turn
+                g = math.gcd(state["world_size"], self.world_size)
+                sharing = self.world_size // g
+                self.pending = [p for j, p in enumerate(pending) if j % sharing == self.rank // g]
                 return
             raise DataError(
                 f"the {self.source} data was read as {streams} streams (training.data_streams, "
@@ -320,19 +368,26 @@ class CaptionedImages(Stateful):
         if self.streams != streams:
             logger.info(f"dataset {self.source}: reading it as {streams} streams, as saved")
         self.streams = streams
-        self.consumed = taken // self.world_size
         positions = state["positions"]
         missing = [k for k in self.rank_streams() if str(k) not in positions]
         if missing:
             raise ValueError(f"the data state lacks streams {missing} of rank {self.rank}")
         self.positions = {k: positions[str(k)] for k in self.rank_streams() if positions[str(k)]}
+        self.taken = {k: counts[str(k)] for k in self.rank_streams()}
+        # Its turn: the stream whose next sample comes first in the global order (stream k's
+        # n-th sample is global sample k + n·S). Ranks that took unequal numbers of samples
+        # (aspect buckets fill at their own pace) resume each stream where it was.
+        local = self.rank_streams()
+        self.consumed = min(range(len(local)), key=lambda q: self.taken[local[q]] * streams + q)
+        mine = set(self.rank_streams())
+        self.pending = [(stream, ref) for stream, ref in pending if stream in mine]
         if self.shards and state["shards"] != shards_digest(self.shards):
             logger.warning(
                 f"dataset {self.source}: the shards under {self.location} are not those the "
                 "checkpoint read (names or sizes differ): the data starts again from the "
                 "beginning of the epoch order"
             )
-            self.positions = {}
+            self.positions, self.pending = {}, []
 
     def _continue_after(self, taken: int) -> None:
         """An indexed source on a number of ranks that does not divide its saved streams:
@@ -346,6 +401,17 @@ class CaptionedImages(Stateful):
         self.positions = {
             k: {"next": max(0, math.ceil((taken - k) / self.streams))} for k in self.rank_streams()
         }
+
+
+def balanced_counts(state: dict[str, Any]) -> dict[str, int]:
+    """Samples taken per stream in a state without them (written before they were kept):
+    its ranks had taken equal numbers, each of its streams in turn."""
+    world, streams, consumed = state["world_size"], state["streams"], state["consumed"]
+    counts = {}
+    for k in range(streams):
+        q, local = k // world, streams // world  # k is stream q of its rank's `local`
+        counts[str(k)] = consumed // local + (q < consumed % local)
+    return counts
 
 
 def check_streams(streams: int, world_size: int) -> None:
@@ -364,13 +430,24 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """One state from those of several ranks of the same step (their streams together)."""
     first = states[0]
     for state in states[1:]:
-        for key in ("format", "streams", "world_size", "consumed", "shards"):
+        for key in ("format", "streams", "world_size", "shards"):
             if state.get(key) != first.get(key):
                 raise ValueError(
                     f"data states of one checkpoint differ in {key}: {state.get(key)} and "
                     f"{first.get(key)}"
                 )
     positions: dict[str, Any] = {}
+    taken: dict[str, int] = {}
+    pending: list[Any] = []
     for state in states:
         positions.update(state["positions"])
-    return {**first, "positions": positions}
+        taken.update(state.get("taken") or balanced_counts(state))
+        pending += state.get("pending", [])
+    consumed = max(state["consumed"] for state in states)  # ranks' counts differ with buckets
+    return {
+        **first,
+        "consumed": consumed,
+        "positions": positions,
+        "taken": taken,
+        "pending": pending,
+    }

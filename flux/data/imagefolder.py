@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from flux.data.buckets import Buckets
 from flux.data.skips import (
     CAPTION_NOT_UTF8,
     EMPTY_CAPTION,
@@ -32,9 +33,10 @@ def list_images(root: str | Path) -> list[Path]:
     return files
 
 
-def load_pair(image_path: Path, size: int | None = None) -> tuple[Image.Image, str]:
+def load_pair(image_path: Path, size: int | Buckets | None = None) -> tuple[Image.Image, str]:
     """(RGB image, caption) of one file, EXIF orientation applied (a JPEG of at least twice
-    `size` decoded at a reduced scale); raises BadSample saying what is wrong with it."""
+    what its bucket needs decoded at a reduced scale); raises BadSample saying what is wrong
+    with it."""
     caption_path = image_path.with_suffix(".txt")
     try:
         caption = caption_path.read_bytes().decode("utf-8-sig").strip()

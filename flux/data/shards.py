@@ -31,6 +31,7 @@ from pathlib import Path
 import fsspec
 from PIL import Image
 
+from flux.data.buckets import Buckets
 from flux.data.skips import (
     CAPTION_NOT_UTF8,
     EMPTY_CAPTION,
@@ -73,6 +74,7 @@ class Record:
     files: dict[str, bytes]  # extension (lowercase) -> bytes
     end: int  # byte offset of the next record's header (in the uncompressed stream)
     cut: bool = False  # the shard ends cut off right after it: it may lack files
+    start: int = 0  # byte offset of its own first header (read_records reopens it there)
 
 
 class ShardProblem(Exception):
@@ -156,6 +158,7 @@ def _records(
             index = start if offset else 0
             key: str | None = None
             files: dict[str, bytes] = {}
+            begins = offset  # where the current record's first header is
             while True:
                 try:
                     member = tar.next()
@@ -163,7 +166,7 @@ def _records(
                     # Cut in the padding after the data or inside a header: the files read
                     # so far may be a whole record.
                     if key is not None and index >= start and wanted(index):
-                        yield Record(index, key, files, offset + tar.offset, cut=True)
+                        yield Record(index, key, files, offset + tar.offset, True, begins)
                     raise ShardProblem(
                         TRUNCATED_SHARD, f"cut after byte {offset + tar.offset} ({e})"
                     ) from e
@@ -175,9 +178,9 @@ def _records(
                 member_key, ext = split_name(member.name)
                 if member_key != key:
                     if key is not None and index >= start and wanted(index):
-                        yield Record(index, key, files, offset + member.offset)
+                        yield Record(index, key, files, offset + member.offset, start=begins)
                     index += key is not None
-                    key, files = member_key, {}
+                    key, files, begins = member_key, {}, offset + member.offset
                 if index >= start and wanted(index):
                     reader = tar.extractfile(member)
                     assert reader is not None  # a regular file
@@ -185,7 +188,7 @@ def _records(
             stop = offset + tar.offset
             cut = not shard.compressed and 0 <= shard.size - stop < END_OF_ARCHIVE
             if key is not None and index >= start and wanted(index):
-                yield Record(index, key, files, stop, cut)
+                yield Record(index, key, files, stop, cut, begins)
             if cut:
                 raise ShardProblem(
                     TRUNCATED_SHARD,
@@ -271,9 +274,12 @@ def record_caption(files: dict[str, bytes]) -> str:
     return caption
 
 
-def decode_record(files: dict[str, bytes], size: int | None = None) -> tuple[Image.Image, str]:
+def decode_record(
+    files: dict[str, bytes], size: int | Buckets | None = None
+) -> tuple[Image.Image, str]:
     """(RGB image, caption) of a record's files; raises BadSample saying what is wrong. With
-    size, a large JPEG is decoded at a reduced scale (transforms.load_image)."""
+    size (a side, or buckets), a large JPEG is decoded at a reduced scale
+    (transforms.load_image)."""
     ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
     if ext is None:
         unknown = sorted(e for e in files if e not in CAPTION_EXTENSIONS)

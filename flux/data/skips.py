@@ -19,6 +19,7 @@ UNKNOWN_FILE_KIND = "unknown file kind"
 MISSING_CAPTION = "missing caption"
 EMPTY_CAPTION = "empty caption"
 CAPTION_NOT_UTF8 = "caption not UTF-8"
+IMAGE_TOO_SMALL = "image too small"  # for its aspect bucket (training.max_upscale)
 RECORD_KINDS = (
     UNDECODABLE_IMAGE,
     MISSING_IMAGE,
@@ -26,6 +27,7 @@ RECORD_KINDS = (
     MISSING_CAPTION,
     EMPTY_CAPTION,
     CAPTION_NOT_UTF8,
+    IMAGE_TOO_SMALL,
 )
 
 TRUNCATED_SHARD = "truncated shard"  # the records before the cut are read

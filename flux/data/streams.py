@@ -17,7 +17,10 @@ Indexed sources (IndexedStream): stream k takes positions k, k + S, ... of the e
 seeded orders of the source's samples, one after another.
 
 A stream's position after a sample is small and plain (JSON: ints and lists): a resume on
-any W that divides S gives each stream to its new rank with that position.
+any W that divides S gives each stream to its new rank with that position. So is a sample's
+reference (`last_ref` after it is yielded): what reads that one sample again (reread), for
+samples taken but not yet trained on (a partly filled aspect bucket) when a checkpoint is
+saved.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from flux.data.skips import BadSample, Skip
 EMPTY_LIMIT = 64  # a stream with this many shards in a row without a usable record stops the run
 
 Position = dict[str, Any]
+Ref = list[int]  # one sample: [index] of an indexed source, [shard, record, offset] of shards
 
 
 class DataError(ValueError):
@@ -105,6 +109,7 @@ class ShardStream:
         self.empty: int = p.get("empty", 0)  # pieces in a row without a usable record
         self.empty_seen: int = p.get("empty_seen", 0)  # the records those pieces held
         self.latest_skip = ""
+        self.last_ref: Ref = []  # the latest sample's: [shard, record index, byte offset]
 
     def position(self) -> Position:
         return {
@@ -168,6 +173,7 @@ class ShardStream:
                             yield skip
                         continue
                     current.usable += 1
+                    self.last_ref = [shard_index, record.index, record.start]
                     yield sample
                 if once:
                     return
@@ -222,6 +228,7 @@ class IndexedStream:
         self.stream, self.streams, self.size, self.seed = stream, streams, size, seed
         self.next: int = (position or {}).get("next", 0)  # this stream's positions read
         self._order: tuple[int, list[int]] = (-1, [])
+        self.last_ref: Ref = []  # the latest sample's: [index]
 
     def position(self) -> Position:
         return {"next": self.next}
@@ -264,4 +271,5 @@ class IndexedStream:
                     bad = 0
                 continue
             bad = 0
+            self.last_ref = [index]
             yield sample

@@ -1,5 +1,6 @@
-"""Image transforms: an image file -> RGB uint8 tensor (3, H, W), the short side's centre
-square resized to img_size; and, on the device, uint8 -> [-1, 1] floats.
+"""Image transforms: an image file -> RGB uint8 tensor (3, H, W), fitted to its bucket (the
+short side's centre square resized to img_size, or an aspect bucket: flux.data.buckets); and,
+on the device, uint8 -> [-1, 1] floats.
 
 Images leave the data loader as uint8 (a quarter of float32's bytes across processes and
 to the device) and become model inputs where the batch reaches the device (device_images).
@@ -15,22 +16,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from flux.data.buckets import Buckets
 
-def load_image(source: bytes | str | Path, size: int | None = None) -> Image.Image:
+
+def load_image(source: bytes | str | Path, size: int | Buckets | None = None) -> Image.Image:
     """Decode an image file (its bytes or its path) to 8-bit RGB, its EXIF orientation
     applied (a phone photo stored sideways comes out upright).
 
-    With `size`, a JPEG whose short side is at least twice size is decoded at a reduced
-    scale (1/2, 1/4 or 1/8: PIL's draft, done in the JPEG decoder), never below size.
-    Raises whatever PIL raises for a file it cannot decode.
+    With `size` (a square side, or the buckets the image will be fitted to), a JPEG at
+    least twice as large as its bucket needs is decoded at a reduced scale (1/2, 1/4 or 1/8:
+    PIL's draft, done in the JPEG decoder), never below what the bucket needs. Raises
+    whatever PIL raises for a file it cannot decode.
     """
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     image = Image.open(io.BytesIO(data))
     if size is not None and image.format == "JPEG":
+        buckets = Buckets.square(size) if isinstance(size, int) else size
         width, height = image.size
-        short = min(width, height)
-        if short >= 2 * size:
-            scale = size / short
+        # its EXIF orientation may turn it by 90° after decoding: enough for either way
+        scale = max(buckets.scale(width, height), buckets.scale(height, width))
+        if scale <= 0.5:
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     image.load()
     ImageOps.exif_transpose(image, in_place=True)
@@ -59,18 +64,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """The centre square of the image (its short side), resized to size × size (bicubic,
-    antialiased). Only that square is resampled, so a 2000×20 strip costs a 20×20 resize."""
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ValueError(f"degenerate image size {width}x{height}")
-    if (width, height) == (size, size):
-        return image
-    short = min(width, height)
-    left, top = (width - short) / 2, (height - short) / 2
-    box = (left, top, left + short, top + short)
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+def resize_and_crop(image: Image.Image, size: int | Buckets) -> Image.Image:
+    """The image fitted to its bucket (Buckets.fit); for a side `size`, the centre square
+    (its short side) resized to size × size (bicubic, antialiased). Only the crop is
+    resampled, so a 2000×20 strip costs a 20×20 resize."""
+    return (Buckets.square(size) if isinstance(size, int) else size).fit(image)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -80,8 +78,9 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """The whole transform: any image -> (3, size, size) uint8."""
+def image_to_tensor(image: Image.Image, size: int | Buckets) -> torch.Tensor:
+    """The whole transform: any image -> (3, H, W) uint8 of its bucket (size × size for a
+    side)."""
     return to_tensor(resize_and_crop(to_rgb(image), size))
 
 
