@@ -555,6 +555,7 @@ def cache_settings(job_config: JobConfig, img_size: int) -> CacheSettings:
         img_size=img_size,
         autoencoder_sha256=file_sha256(enc.autoencoder_path),
         latent_channels=flux_configs[job_config.model.flavor].autoencoder_params.z_channels,
+        buckets=data_buckets(job_config, img_size).describe(),
     )
 
 

@@ -40,6 +40,8 @@ from torchtitan.train import Trainer
 from flux import seam
 from flux.checkpoint import CheckpointError, FluxCheckpointManager
 from flux.config import ConfigError, check_config, parse_config
+from flux.data.buckets import tokens
+from flux.data.dataloader import batch_bucket
 from flux.data.precomputed import CacheError
 from flux.data.streams import DataError
 from flux.ema import EMA, build_average
@@ -109,7 +111,7 @@ class FluxTrainer(Trainer):
     def batch_generator(self, data_iterable: Iterable[Any]) -> Iterator[dict[str, Any]]:
         """Batches of {"images", "captions", "keys"}; counts tokens and loading time."""
         iterator = iter(data_iterable)
-        seq_len = self.job_config.training.seq_len
+        text_tokens = self.job_config.encoder.max_t5_encoding_len
         while True:
             start = time.perf_counter()
             try:
@@ -117,7 +119,7 @@ class FluxTrainer(Trainer):
             except StopIteration as e:
                 raise DataloaderExhaustedError() from e
             self.samples_used += len(batch["captions"])
-            ntokens = len(batch["captions"]) * seq_len
+            ntokens = len(batch["captions"]) * (tokens(batch_bucket(batch)) + text_tokens)
             self.ntokens_seen += ntokens
             self.metrics_processor.ntokens_since_last_log += ntokens
             self.metrics_processor.data_loading_times.append(time.perf_counter() - start)

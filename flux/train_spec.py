@@ -172,6 +172,7 @@ def validation_settings(job_config: JobConfig, dp_world_size: int = 1) -> Valida
         dataset=validation.dataset,
         dataset_path=validation.dataset_path,
         img_size=validation.img_size,
+        buckets=data_buckets(job_config, validation.img_size),
         local_batch_size=validation.local_batch_size,
         steps=validation.steps,
         freq=validation.freq,

@@ -43,7 +43,9 @@ from torchtitan.distributed import ParallelDims
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 
-from flux.data.dataloader import CaptionedImageLoader, collate
+from flux.data.buckets import Buckets
+from flux.data.buckets import name as bucket_name
+from flux.data.dataloader import CaptionedImageLoader, batch_bucket, collate
 from flux.data.dataset import CaptionedImages, held_out_seed, split_seed
 from flux.data.skips import BadSample
 from flux.data.streams import DataError
@@ -153,6 +155,7 @@ class ValidationSettings:
     target_loss: float = 0.0  # stop at or below it (0: never)
     every_samples: int = 0  # validate every N training samples (0: every freq steps)
     samples_per_step: int = 1  # training samples per optimizer step (the global batch)
+    buckets: Buckets | None = None  # the held-out images' sizes (None: img_size squares)
 
 
 class FluxValidator(BaseValidator):
@@ -222,6 +225,7 @@ class FluxValidator(BaseValidator):
             dp_world_size=self.dp_world_size,
             seed=split_seed("validation", s.dataset, s.seed),
             path=s.dataset_path,
+            buckets=s.buckets,
         )
 
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
@@ -246,12 +250,18 @@ class FluxValidator(BaseValidator):
                 loss, per_t = by_class.mean(), by_class.per_timestep()
                 times = [k / len(per_t) for k in range(len(per_t))]
             else:
-                loss, per_t, skips = self.stratified_loss(model)
+                loss, per_t, skips, per_bucket = self.stratified_loss(model)
                 times = stratified_timesteps(len(per_t)).tolist()
             images = self.sample(model) if self.settings.sample_prompts else None
         model.train()
         name = "ema_loss" if weights == "ema" else "loss"
         extra = {f"validation_metrics/{name}_t{t:.2f}": v for t, v in zip(times, per_t)}
+        if self.settings.metric != "mlperf" and len(per_bucket) > 1:
+            extra |= {f"validation_metrics/{name}_{b}": v for b, v in per_bucket.items()}
+            logger.info(
+                f"validate step: {step:2}  {name} by bucket: "
+                + ", ".join(f"{b} {v:.4f}" for b, v in per_bucket.items())
+            )
         batch_mesh = self.parallel_dims.get_optional_mesh("batch")
         skipped = Skips.gather(
             skips.counts, skips.used, batch_mesh.get_group() if batch_mesh is not None else None
@@ -269,16 +279,27 @@ class FluxValidator(BaseValidator):
             self.save_grid(images, step, "ema" if weights == "ema" else "")
         return loss
 
-    def stratified_loss(self, model: nn.Module) -> tuple[float, list[float], Skips]:
-        """The "loss" metric over the data-parallel ranks, each timestep's, and this rank's
-        skips."""
-        losses, skips = self.loss(model)
+    def stratified_loss(
+        self, model: nn.Module
+    ) -> tuple[float, list[float], Skips, dict[str, float]]:
+        """The "loss" metric over the data-parallel ranks, each timestep's, this rank's
+        skips, and the loss of each bucket that had held-out batches (WxH -> loss)."""
+        losses, skips, by_bucket = self.loss(model)
         mean = losses.mean()
         if self.parallel_dims.dp_enabled:
             batch_mesh = self.parallel_dims.get_mesh("batch")
+            torch.distributed.all_reduce(by_bucket, group=batch_mesh.get_group())
+        sums, counts = by_bucket.tolist()
+        sizes = self.buckets().sizes
+        per_bucket = {bucket_name(b): x / n for b, x, n in zip(sizes, sums, counts) if n}
+        if self.parallel_dims.dp_enabled:
             per_t = [dist_utils.dist_mean(v, batch_mesh) for v in losses]
-            return dist_utils.dist_mean(mean, batch_mesh), per_t, skips
-        return mean.item(), losses.tolist(), skips
+            return dist_utils.dist_mean(mean, batch_mesh), per_t, skips, per_bucket
+        return mean.item(), losses.tolist(), skips, per_bucket
+
+    def buckets(self) -> Buckets:
+        s = self.settings
+        return s.buckets if s.buckets is not None else Buckets.square(s.img_size)
 
     def held_out(self) -> CaptionedImages:
         """The held-out set, read by index (the mlperf metric)."""
@@ -354,13 +375,16 @@ class FluxValidator(BaseValidator):
                 continue
         raise DataError(f"validation: no usable sample in {self.settings.dataset_path}")
 
-    def loss(self, model: nn.Module) -> tuple[torch.Tensor, Skips]:
-        """(K,) mean loss over the held-out batches at each stratified timestep, and what
-        this rank's loader skipped and gave for them."""
+    def loss(self, model: nn.Module) -> tuple[torch.Tensor, Skips, torch.Tensor]:
+        """(K,) mean loss over the held-out batches at each stratified timestep, what this
+        rank's loader skipped and gave for them, and (2, buckets) the sums of the batches'
+        losses (their mean over the timesteps) by bucket and the batches."""
         assert self.preprocess is not None, "FluxTrainer attaches the encoders"
         s = self.settings
         times = stratified_timesteps(s.loss_timesteps).to(self.device)
         totals = torch.zeros(len(times), device=self.device)
+        sizes = self.buckets().sizes
+        by_bucket = torch.zeros(2, len(sizes), device=self.device)
         loader = self.loader()
         iterator = iter(loader)
         used = 0
@@ -370,11 +394,16 @@ class FluxValidator(BaseValidator):
             streams = Streams.of(held_out_seed(s.seed), 0, batch["keys"], self.device)
             encoded = self.preprocess.encode(batch, 0.0, streams)
             noise = streams.randn(tuple(encoded.x0.shape[1:]), self.device)
+            batch_losses = torch.zeros(len(times), device=self.device)
             for k, t in enumerate(times):
                 t_batch = t.expand(encoded.x0.shape[0])
                 flow = self.preprocess.flow(encoded, t_batch, noise)
-                totals[k] += flow_matching_loss(model, flow).detach()
-        return totals / s.steps, Skips(skip_counts(loader), used)
+                batch_losses[k] = flow_matching_loss(model, flow).detach()
+            totals += batch_losses
+            b = sizes.index(batch_bucket(batch))
+            by_bucket[0, b] += batch_losses.mean()
+            by_bucket[1, b] += 1
+        return totals / s.steps, Skips(skip_counts(loader), used), by_bucket
 
     def sample(self, model: nn.Module) -> torch.Tensor:
         """Every rank samples the same prompts (FSDP needs every rank in each forward)."""

@@ -99,6 +99,13 @@ class Buckets:
         listed = [(int(w), int(h)) for w, h in sizes] if sizes else None
         return cls(tuple(listed or aspect_sizes(img_size, token_multiple)), max_upscale)
 
+    def describe(self) -> str:
+        """ "square", or "aspect WxH ... (max upscale F)": what a cache records."""
+        if self.is_square and self.max_upscale == math.inf:
+            return "square"
+        sizes = " ".join(name(s) for s in self.sizes)
+        return f"aspect {sizes} (max upscale {self.max_upscale})"
+
     @property
     def is_square(self) -> bool:
         return len(self.sizes) == 1 and self.sizes[0][0] == self.sizes[0][1]

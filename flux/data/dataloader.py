@@ -62,6 +62,13 @@ def bucket_of(sample: Sample | CachedSample) -> Size:
     return sample.image.shape[2], sample.image.shape[1]
 
 
+def batch_bucket(batch: dict[str, Any]) -> Size:
+    """A collated batch's bucket (width, height) in pixels."""
+    if "moments" in batch:
+        return batch["moments"].shape[3] * 8, batch["moments"].shape[2] * 8
+    return batch["images"].shape[3], batch["images"].shape[2]
+
+
 class BucketLists:
     """Samples taken, waiting in their bucket's list until it holds a batch."""
 

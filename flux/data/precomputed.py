@@ -6,7 +6,10 @@ A cache is a folder:
     texts.safetensors     T5 and CLIP encodings of a few fixed texts: the empty caption
                           (caption dropout) and the validation prompts
     shard-*.safetensors   N samples: t5 (N, L, D_t5), clip (N, D_clip), moments (N, 2C, h, w),
-                          and the samples' keys and captions (JSON) in the file's metadata
+                          and the samples' keys and captions (JSON) in the file's metadata;
+                          with aspect buckets (flux.data.buckets) of several sizes, instead
+                          of moments: moments.WxH (N_WxH, 2C, H/8, W/8) of each bucket's
+                          samples in order, and each sample's bucket (metadata "buckets")
     shard-*.sum.json      the shard's size and checksum (flux.checksums), written once the
                           shard was read back and found whole
     manifest.json         written last: the plan, and each shard's sample count, size and
@@ -66,6 +69,7 @@ class CacheSettings:
     img_size: int
     autoencoder_sha256: str
     latent_channels: int
+    buckets: str = "square"  # or the aspect buckets' sizes (Buckets.describe)
 
     def differences(self, other: CacheSettings) -> list[str]:
         """'name: ours vs theirs' for each setting that differs."""
@@ -142,9 +146,18 @@ def check_shard(path: Path) -> int:
     count, or CacheError saying what is wrong."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            counts = {name: f.get_slice(name).get_shape()[0] for name in TENSORS}
             meta = f.metadata() or {}
             keys, captions = json.loads(meta["keys"]), json.loads(meta["captions"])
+            buckets = json.loads(meta.get("buckets", "[]"))
+            counts = {name: f.get_slice(name).get_shape()[0] for name in ("t5", "clip")}
+            if buckets:  # the rows of moments.WxH are those of bucket WxH
+                for bucket in set(buckets):
+                    rows = f.get_slice(f"moments.{bucket}").get_shape()[0]
+                    if rows != buckets.count(bucket):
+                        raise ValueError(f"moments.{bucket} holds {rows} rows")
+                counts["moments"] = len(buckets)
+            else:
+                counts["moments"] = f.get_slice("moments").get_shape()[0]
     except (SafetensorError, OSError, KeyError, ValueError) as e:
         raise CacheError(f"{path.name} cannot be read ({type(e).__name__}: {e})") from None
     if len({*counts.values(), len(keys), len(captions)}) != 1:
@@ -295,6 +308,9 @@ class _Shard:
                 self.keys: list[str] = json.loads(meta["keys"])
                 self.captions: list[str] = json.loads(meta["captions"])
                 rows = self.file.get_slice("t5").get_shape()[0]
+                # several buckets: moments.WxH each, and each row's bucket
+                self.buckets: list[str] = json.loads(meta.get("buckets", "[]"))
+                self.rows = bucket_rows(self.buckets)
                 if rows != entry["samples"] or len(self.keys) != rows:
                     said = entry["samples"]
                     problem = f"{path.name} holds {rows} samples, the manifest says {said}"
@@ -304,8 +320,23 @@ class _Shard:
             raise CacheError(f"{UNREADABLE}: {problem}")
 
     def sample(self, row: int) -> CachedSample:
-        t5, clip, moments = (self.file.get_slice(name)[row : row + 1][0] for name in TENSORS)
-        return CachedSample(t5, clip, moments, self.captions[row], self.keys[row])
+        t5, clip = (self.file.get_slice(name)[row : row + 1][0] for name in ("t5", "clip"))
+        if self.buckets:
+            moments = self.file.get_slice(f"moments.{self.buckets[row]}")
+            at = self.rows[row]
+        else:
+            moments, at = self.file.get_slice("moments"), row
+        return CachedSample(t5, clip, moments[at : at + 1][0], self.captions[row], self.keys[row])
+
+
+def bucket_rows(buckets: list[str]) -> list[int]:
+    """Each row's place among its bucket's rows (the row of its moments.WxH)."""
+    seen: dict[str, int] = {}
+    places = []
+    for bucket in buckets:
+        places.append(seen.get(bucket, 0))
+        seen[bucket] = places[-1] + 1
+    return places
 
 
 class PrecomputedCache:

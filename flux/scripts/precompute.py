@@ -52,8 +52,11 @@ from flux.config import (
     cache_settings,
     check_config,
     config_file_arg,
+    data_buckets,
     parse_config,
 )
+from flux.data.buckets import name as bucket_name
+from flux.data.dataloader import bucket_of
 from flux.data.dataset import CaptionedImages, Sample, split_seed
 from flux.data.precomputed import (
     FORMAT,
@@ -106,12 +109,14 @@ class Encoders:
 
 
 class ShardWriter:
-    """The samples of one shard, encoded a batch at a time, then written in one file."""
+    """The samples of one shard, encoded a batch of one bucket at a time, then written in
+    one file (flux.data.precomputed: the moments of each bucket in a tensor of their own,
+    when there are several)."""
 
     def __init__(self, encoders: Encoders, batch_size: int):
         self.encoders, self.batch_size = encoders, batch_size
-        self.pending: list[Sample] = []
-        self.parts: list[dict[str, torch.Tensor]] = []
+        self.pending: dict[tuple[int, int], list[tuple[int, Sample]]] = {}  # bucket -> rows
+        self.parts: list[tuple[list[int], dict[str, torch.Tensor]]] = []  # rows, encodings
         self.keys: list[str] = []
         self.captions: list[str] = []
         self.skipped: list[str] = []  # "key: reason"
@@ -121,36 +126,58 @@ class ShardWriter:
         return len(self.keys)
 
     def add(self, sample: Sample) -> None:
-        self.pending.append(sample)
+        bucket = bucket_of(sample)
+        waiting = self.pending.setdefault(bucket, [])
+        waiting.append((len(self.keys), sample))
         self.keys.append(sample.key)
         self.captions.append(sample.caption)
-        if len(self.pending) == self.batch_size:
-            self._encode()
+        if len(waiting) == self.batch_size:
+            self._encode(bucket)
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped.append(f"{where}: {reason}")
         self.skipped_kinds[kind_of(reason)] += 1
 
-    def _encode(self) -> None:
-        if self.pending:
-            self.parts.append(self.encoders.samples(self.pending))
-            self.pending = []
+    def _encode(self, bucket: tuple[int, int]) -> None:
+        rows, samples = zip(*self.pending.pop(bucket))
+        self.parts.append((list(rows), self.encoders.samples(list(samples))))
 
     def write(self, path: Path, **metadata: Any) -> None:
-        self._encode()
-        tensors = {
-            n: torch.cat([p[n] for p in self.parts]) if self.parts else torch.empty(0)
-            for n in TENSORS
-        }
+        for bucket in list(self.pending):
+            self._encode(bucket)
+        tensors, buckets = encoded_rows(self.parts)
         meta = {
             "keys": self.keys,
             "captions": self.captions,
             "skipped": self.skipped,  # "key: reason" (streams: the latest few)
             "skipped_count": len(self.skipped),
             "skipped_kinds": dict(self.skipped_kinds),
+            **({"buckets": buckets} if buckets else {}),
         }
         write_shard(path, tensors, {**meta, **metadata})
         seal_shard(path)  # read back: a shard that does not read whole fails here
+
+
+def encoded_rows(
+    parts: list[tuple[list[int], dict[str, torch.Tensor]]],
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A shard's tensors from its batches' encodings, in row order: t5 and clip; moments, or
+    with several buckets, moments.WxH of each bucket's rows in order, with each row's bucket
+    name (else [])."""
+    if not parts:
+        return {n: torch.empty(0) for n in TENSORS}, []
+    rows = [r for part_rows, _ in parts for r in part_rows]
+    order = torch.tensor(rows).argsort()
+    tensors = {n: torch.cat([p[n] for _, p in parts])[order] for n in ("t5", "clip")}
+    moments = [(r, p["moments"][i]) for part_rows, p in parts for i, r in enumerate(part_rows)]
+    moments.sort(key=lambda rm: rm[0])
+    names = [bucket_name((m.shape[2] * 8, m.shape[1] * 8)) for _, m in moments]
+    if len(set(names)) == 1:
+        return {**tensors, "moments": torch.stack([m for _, m in moments])}, []
+    for bucket in dict.fromkeys(names):
+        rows_of = [m for (_, m), n in zip(moments, names) if n == bucket]
+        tensors[f"moments.{bucket}"] = torch.stack(rows_of)
+    return tensors, names
 
 
 def kind_of(reason: str) -> str:
@@ -207,6 +234,7 @@ def make_plan(job: JobConfig, args: argparse.Namespace) -> tuple[dict[str, Any],
         world_size=args.world_size if streamed else 1,
         seed=seed,
         path=path,
+        buckets=data_buckets(job, section.img_size),
     )
     size = reader.size()
     total = args.num_samples if size is None else min(size, args.num_samples or size)

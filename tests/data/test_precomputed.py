@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flux.config import ConfigError
+from flux.config import ConfigError, check_precomputed
 from flux.config import main as check_main
 from flux.data.dataloader import CaptionedImageLoader
 from flux.data.dataset import CaptionedImages
@@ -195,3 +195,48 @@ def test_the_manifest_records_each_shards_size_and_checksum(cache) -> None:
     for entry in [manifest["texts_file"], *manifest["shards"]]:
         path = cache / entry["file"]
         assert entry["bytes"] == path.stat().st_size and entry["digest"] == file_digest(path)
+
+
+def test_a_cache_of_aspect_buckets_holds_each_sample_at_its_bucket_and_reads_back_by_bucket(
+    tmp_path,
+) -> None:
+    """Precompute fits each image to its bucket and encodes batches of one bucket; the cache
+    gives each sample's moments at its bucket's size, as the encoder makes them of the
+    online sample, and the loader's batches over it hold one bucket each."""
+    from flux.data.buckets import Buckets
+    from flux.data.dataloader import batch_bucket, bucket_of
+    from flux.flow import build_autoencoder, encode_images
+    from flux.model.args import flux_configs
+    from flux.train_spec import encoder_settings
+    from tests.data.images import mixed_folder
+
+    folder = mixed_folder(tmp_path / "images")
+    aspect = ("--training.buckets", "aspect", "--training.max_upscale", "4")
+    data = ("--training.dataset", "imagefolder", "--training.dataset_path", str(folder))
+    sizes = ("--training.img_size", "48", "--shard_size", "10", "--batch_size", "3")
+    cache = make_cache(tmp_path / "cache", 24, *data, *aspect, *sizes)
+    online = CaptionedImages(
+        "imagefolder", 48, path=folder, buckets=Buckets.aspect(48, max_upscale=4)
+    )
+    cached = CaptionedImages("precomputed", 48, path=cache)
+    assert len({bucket_of(cached.sample(i)) for i in range(24)}) == 5  # the mix's five shapes
+    config = job(*data, *aspect, "--training.img_size", "48")
+    autoencoder = build_autoencoder(
+        encoder_settings(config), flux_configs["flux-debug"].autoencoder_params, torch.device("cpu")
+    )
+    for i in (0, 5, 11, 23):
+        sample, image = cached.sample(i), online.sample(i)
+        assert sample.key == image.key and bucket_of(sample) == bucket_of(image)
+        with torch.no_grad():
+            expected = encode_images(autoencoder, image.image[None].float() / 127.5 - 1)[0]
+        # one image against a batch of three: this CPU's convolutions differ by ~1e-3 on
+        # these shapes; another image's moments differ by more than 0.1
+        torch.testing.assert_close(sample.moments, expected, atol=1e-2, rtol=0)
+    loader = CaptionedImageLoader("precomputed", 48, 2, path=cache)
+    batches = list(itertools.islice(loader, 12))
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(online.key(i) for i in range(24))
+    assert len({batch_bucket(b) for b in batches}) == 5
+    square = job(*data, "--training.img_size", "48")
+    square.training.dataset, square.training.dataset_path = "precomputed", str(cache)
+    with pytest.raises(ConfigError, match="made with other settings: buckets 'aspect 32x96"):
+        check_precomputed(square)  # the cache records its buckets
