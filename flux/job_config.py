@@ -43,7 +43,7 @@ class Training:
     16, ratios 1:4 to 4:1: each image goes to the bucket nearest its aspect ratio, resized
     to cover it and centre-cropped; each micro-batch holds one bucket)"""
 
-    bucket_sizes: list[list[int]] = field(default_factory=list)
+    bucket_sizes: list[tuple[int, int]] = field(default_factory=list)
     """With buckets = "aspect": the buckets, as [width, height] pairs in pixels, multiples of
     16 (empty: 17 generated for img_size, at ratios 2^(k/4) from 1:4 to 4:1)"""
 

@@ -12,10 +12,12 @@ from flux.config import (
     DEBUG_CONFIG,
     ConfigError,
     check_config,
+    data_buckets,
     parse_config,
     resolve_path,
 )
 from flux.config import main as preflight
+from flux.data.buckets import tokens
 from flux.model.args import flux_configs
 from tests.launch import run_train
 
@@ -76,6 +78,17 @@ def test_context_parallel_degree_must_split_the_tokens_evenly() -> None:
     message = refused("--parallelism.context_parallel_degree", "3", world_size=3)
     assert "16 image tokens, which do not split into" in message
     check_config(config("--parallelism.context_parallel_degree", "2"), 2)
+
+
+def test_aspect_buckets_are_picked_or_refused_for_context_parallelism() -> None:
+    aspect = ("--training.buckets", "aspect", "--parallelism.context_parallel_degree", "2")
+    job = config(*aspect)
+    check_config(job, 2)  # generated: each bucket's token count splits in two
+    buckets = data_buckets(job, job.training.img_size)
+    assert len(buckets.sizes) > 5 and all(tokens(s) % 2 == 0 for s in buckets.sizes)
+    assert job.training.seq_len == max(tokens(s) for s in buckets.sizes) + 16
+    message = refused(*aspect, "--training.bucket_sizes", "64", "64", "48", "48", world_size=2)
+    assert "training.bucket_sizes' 48x48 has 9 image tokens, which do not split into" in message
 
 
 def test_missing_autoencoder_says_how_to_download_it(tmp_path) -> None:
@@ -260,6 +273,17 @@ def bad_settings(tmp: Path) -> list[tuple[tuple[str, ...], str]]:
         (("--training.classifier_free_guidance_prob", "1.5"), "from 0 to 1"),
         (("--training.max_skipped_fraction", "2"), "training.max_skipped_fraction = 2.0"),
         (("--training.max_nonfinite_steps", "0"), "use 1 or more"),
+        (("--training.bucket_sizes", "64", "48"), "bucket_sizes is set but training.buckets = 'sq"),
+        (("--training.buckets", "round"), "invalid choice 'round'"),
+        (
+            ("--training.buckets", "aspect", "--training.bucket_sizes", "64", "40"),
+            "training.bucket_sizes' side of (64, 40) = 40: use a positive multiple of 16",
+        ),
+        (("--training.buckets", "aspect", "--training.max_upscale", "0"), "max_upscale = 0.0"),
+        (
+            ("--training.buckets", "aspect", "--validation.metric", "mlperf"),
+            "validation.metric = 'mlperf' evaluates the held-out set at one square size",
+        ),
         (("--activation_checkpoint.skip_last_blocks", "-1"), "skip_last_blocks = -1"),
         (("--activation_checkpoint.mode", "memory_budget"), "use none, full or selective"),
         (("--training.dataset", "imagefolder"), "needs training.dataset_path"),

@@ -5,13 +5,15 @@ a step that is not finite leaves behind."""
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from flux.config import DEBUG_CONFIG, check_config, parse_config
+from flux.config import DEBUG_CONFIG, check_config, data_buckets, parse_config
+from flux.data.buckets import tokens
 from flux.train import FluxTrainer, one_process
 
 # Tensor methods that read a value back to the host: on a GPU, each waits for the device.
@@ -110,3 +112,62 @@ def test_a_step_that_is_not_finite_changes_no_weight_and_is_counted_a_step_later
     assert {s["step"].item() for s in optimizer.state.values()} == {2.0}
     trainer.settle()
     assert trainer.nonfinite.in_a_row == 0 and trainer.nonfinite.last_good_step == 3
+
+
+@pytest.fixture
+def mixed_images(tmp_path) -> Path:
+    from tests.data.images import mixed_folder
+
+    return mixed_folder(tmp_path / "images")
+
+
+def test_aspect_buckets_train_one_bucket_per_micro_batch_and_validate_by_bucket(
+    tmp_path, mixed_images, monkeypatch
+) -> None:
+    """Images of five aspect ratios at about 48² pixels, two micro-batches per step: each
+    micro-batch holds one bucket, its timesteps shifted by its own token count; every step
+    is applied; validation logs the loss of each bucket it saw."""
+    data = (".dataset", "imagefolder", ".dataset_path", str(mixed_images), ".img_size", "48")
+    job = parse_config(
+        [
+            *("--job.config_file", str(DEBUG_CONFIG), "--job.dump_folder", str(tmp_path / "run")),
+            *("--training.local_batch_size", "2", "--training.global_batch_size", "4"),
+            *(f"--training{a}" if a.startswith(".") else a for a in data),
+            *("--training.buckets", "aspect", "--training.max_upscale", "4"),
+            *(f"--validation{a}" if a.startswith(".") else a for a in data),
+            *("--validation.steps", "4", "--validation.sampling_steps", "1"),
+            *("--metrics.log_freq", "100", "--metrics.no-enable-tensorboard"),
+        ]
+    )
+    check_config(job, world_size=1)
+    seen: list[tuple[int, ...]] = []
+    logged: dict[str, float] = {}
+    with one_process(job) as trainer:
+        flow_batch = trainer.flow_batch
+
+        def recorded(batch):
+            flow = flow_batch(batch)
+            seen.append((tuple(batch["images"].shape), flow.inputs["img"].shape[1]))
+            return flow
+
+        monkeypatch.setattr(trainer, "flow_batch", recorded)
+        monkeypatch.setattr(
+            trainer.metrics_processor,
+            "log_validation",
+            lambda loss, step, extra_metrics: logged.update(extra_metrics, loss=loss),
+        )
+        trainer.data = trainer.batch_generator(trainer.dataloader)  # type: ignore[attr-defined]
+        for _ in range(3):
+            step(trainer)
+        trainer.settle()
+        assert trainer.nonfinite.last_good_step == 3
+        trainer.flux_validator.validate(trainer.model_parts, trainer.step)
+    buckets = data_buckets(job, 48)
+    assert len(seen) == 6
+    for shape, img_tokens in seen:
+        assert (shape[3], shape[2]) in buckets.sizes
+        assert img_tokens == tokens((shape[3], shape[2]))
+    assert len({shape for shape, _ in seen}) > 1  # several buckets, also within a step
+    names = {f"validation_metrics/loss_{w}x{h}" for w, h in buckets.sizes}
+    per_bucket = {k: v for k, v in logged.items() if k in names}
+    assert len(per_bucket) > 1 and all(math.isfinite(v) for v in per_bucket.values()), logged
