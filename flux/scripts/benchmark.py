@@ -57,6 +57,7 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import resource
 import statistics
@@ -182,19 +183,63 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def photo_like(rng: Any, side: int) -> Any:
-    """A side × side RGB image with a photo's JPEG cost: smooth colour fields and grain."""
+def photo_like(rng: Any, width: int, height: int | None = None) -> Any:
+    """A width × height (square: width) RGB image with a photo's JPEG cost: smooth colour
+    fields and grain."""
     import numpy as np
     from PIL import Image
 
-    low = rng.integers(0, 256, (max(1, side // 32), max(1, side // 32), 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(low).resize((side, side), Image.Resampling.BICUBIC))
-    grain = rng.normal(0.0, 6.0, (side, side, 3))
+    height = height or width
+    low = rng.integers(0, 256, (max(1, height // 32), max(1, width // 32), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((width, height), Image.Resampling.BICUBIC))
+    grain = rng.normal(0.0, 6.0, (height, width, 3))
     return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
 
 
-def write_jpeg_shards(root: Path, shards: int, per_shard: int, side: int) -> list[bytes]:
-    """Webdataset shards of side-px photo-like JPEGs (quality 90) with captions; the JPEGs."""
+# A web-like mix of aspect ratios (width:height=percent): square and landscape photos most.
+WEB_MIX = "1:1=30,4:3=25,3:2=15,16:9=15,3:4=10,9:16=5"
+
+
+def parse_mix(text: str) -> list[tuple[float, float]]:
+    """ "W:H=P,..." -> [(ratio W/H, share P/100)], the shares summing to 1."""
+    mix = []
+    for part in text.split(","):
+        try:
+            ratio, share = part.split("=")
+            w, h = ratio.split(":")
+            mix.append((float(w) / float(h), float(share)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--mix {text!r}: give W:H=PERCENT pairs, e.g. {WEB_MIX}"
+            ) from None
+    total = sum(share for _, share in mix)
+    if total <= 0 or any(share < 0 or ratio <= 0 for ratio, share in mix):
+        raise argparse.ArgumentTypeError(f"--mix {text!r}: positive ratios and shares, please")
+    return [(ratio, share / total) for ratio, share in mix]
+
+
+def mix_sizes(mix: list[tuple[float, float]], count: int, side: int) -> list[tuple[int, int]]:
+    """`count` (width, height) of about side² pixels each, in the mix's proportions (the
+    largest remainders), interleaved."""
+    quotas = [share * count for _, share in mix]
+    counts = [int(q) for q in quotas]
+    for i in sorted(range(len(mix)), key=lambda i: quotas[i] - counts[i], reverse=True):
+        if sum(counts) == count:
+            break
+        counts[i] += 1
+    sizes = [
+        (round(side * math.sqrt(ratio)), round(side / math.sqrt(ratio)))
+        for (ratio, _), n in zip(mix, counts)
+        for _ in range(n)
+    ]
+    return sizes[::2] + sizes[1::2]
+
+
+def write_jpeg_shards(
+    root: Path, shards: int, per_shard: int, side: int, sizes: list[tuple[int, int]] | None = None
+) -> list[bytes]:
+    """Webdataset shards of photo-like JPEGs (quality 90) with captions, of `sizes` (in
+    turn) or side × side; the JPEGs."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -203,7 +248,8 @@ def write_jpeg_shards(root: Path, shards: int, per_shard: int, side: int) -> lis
         with tarfile.open(root / f"shard-{s:05d}.tar", "w") as tar:
             for i in range(s * per_shard, (s + 1) * per_shard):
                 buf = io.BytesIO()
-                photo_like(rng, side).save(buf, format="JPEG", quality=90)
+                width, height = sizes[i % len(sizes)] if sizes else (side, side)
+                photo_like(rng, width, height).save(buf, format="JPEG", quality=90)
                 jpegs.append(buf.getvalue())
                 for name, data in ((f"{i:08d}.jpg", jpegs[-1]), (f"{i:08d}.txt", b"a photo")):
                     info = tarfile.TarInfo(name)
@@ -212,60 +258,78 @@ def write_jpeg_shards(root: Path, shards: int, per_shard: int, side: int) -> lis
     return jpegs
 
 
-def decode_ms(jpegs: list[bytes], img_size: int | None, target: int) -> float:
-    """Mean ms to turn one JPEG into a (3, target, target) uint8 tensor on this thread
-    (img_size None: decoded at full size, without PIL's draft)."""
+def decode_ms(jpegs: list[bytes], draft: Any, buckets: Any) -> float:
+    """Mean ms to turn one JPEG into a uint8 tensor of its bucket on this thread (draft:
+    the buckets PIL's draft decodes for, or None: decoded at full size)."""
     from flux.data.transforms import image_to_tensor, load_image
 
     start = time.perf_counter()
     for data in jpegs:
-        image_to_tensor(load_image(data, img_size), target)
+        image_to_tensor(load_image(data, draft), buckets)
     return 1e3 * (time.perf_counter() - start) / len(jpegs)
 
 
 def bench_data(args: argparse.Namespace) -> dict[str, Any]:
-    """The loader's samples/s at each image size and worker count, and one image's decode."""
+    """The loader's samples/s at each image size, kind of buckets and worker count; one
+    image's decode; the share of the generated images' pixels each kind keeps."""
+    from flux.data.buckets import Buckets
     from flux.data.dataloader import CaptionedImageLoader
 
+    mix = args.mix
     with tempfile.TemporaryDirectory() as tmp:
-        path, jpegs = args.path, []
+        path, jpegs, sizes = args.path, [], []
         if args.source == "webdataset" and path is None:
             path = Path(tmp)
-            jpegs = write_jpeg_shards(path, 8, args.images // 8, args.source_size)
-        runs, decode = [], {}
+            sizes = mix_sizes(mix, args.images, args.source_size)
+            jpegs = write_jpeg_shards(path, 8, args.images // 8, args.source_size, sizes)
+        runs, decode, kept = [], {}, {}
         for img_size in args.img_size:
-            if jpegs:
-                decode[img_size] = {
-                    "draft_ms": decode_ms(jpegs[:16], img_size, img_size),
-                    "full_decode_ms": decode_ms(jpegs[:16], None, img_size),
-                }
-            for workers in args.workers:
-                loader = CaptionedImageLoader(
-                    args.source, img_size, args.batch, path=path, num_workers=workers
+            for kind in args.buckets:
+                buckets = (
+                    Buckets.square(img_size)
+                    if kind == "square"
+                    else Buckets.aspect(img_size, max_upscale=args.max_upscale)
                 )
-                it = iter(loader)
-                for _ in range(2):  # start the workers, fill their queues
-                    next(it)
-                start = time.perf_counter()
-                for _ in range(args.batches):
-                    next(it)
-                rate = args.batches * args.batch / (time.perf_counter() - start)
-                runs.append(
-                    {
-                        "img_size": img_size,
-                        "workers": workers,
-                        "samples_per_s": rate,
-                        "samples_per_s_per_worker": rate / max(1, workers),
+                name = f"{img_size} {kind}"
+                if sizes:
+                    kept[name] = sum(buckets.kept(w, h) for w, h in sizes) / len(sizes)
+                if jpegs:
+                    decode[name] = {
+                        "draft_ms": decode_ms(jpegs[:16], buckets, buckets),
+                        "full_decode_ms": decode_ms(jpegs[:16], None, buckets),
                     }
-                )
-                del it, loader  # its workers end
+                for workers in args.workers:
+                    loader = CaptionedImageLoader(
+                        args.source, img_size, args.batch, path=path, num_workers=workers,
+                        buckets=buckets,
+                    )  # fmt: skip
+                    it = iter(loader)
+                    for _ in range(2):  # start the workers, fill their queues
+                        next(it)
+                    start = time.perf_counter()
+                    for _ in range(args.batches):
+                        next(it)
+                    rate = args.batches * args.batch / (time.perf_counter() - start)
+                    runs.append(
+                        {
+                            "img_size": img_size,
+                            "buckets": kind,
+                            "workers": workers,
+                            "samples_per_s": rate,
+                            "samples_per_s_per_worker": rate / max(1, workers),
+                            "skipped": loader.dataset.skips.total,
+                        }
+                    )
+                    del it, loader  # its workers end
     return {
         "source": args.source,
         "source_size": args.source_size if jpegs else None,
+        "mix": {f"{r:.3f}": share for r, share in mix} if sizes else None,
         "jpeg_kib": sum(len(j) for j in jpegs) / max(1, len(jpegs)) / 1024,
         "cpus": len(os.sched_getaffinity(0)),
         "batch": args.batch,
         "decode": decode,
+        "pixels_kept": kept,
         "runs": runs,
     }
 
@@ -369,17 +433,26 @@ def _random_inputs(
 def data_table(result: dict[str, Any]) -> str:
     lines = [f"{result['source']} on {result['cpus']} CPUs, batch {result['batch']}"]
     if result["source_size"]:
-        lines[0] += f": {result['source_size']}-px JPEGs ({result['jpeg_kib']:.0f} KiB each)"
-    for size, ms in result["decode"].items():
+        side = result["source_size"]
+        lines[0] += f": JPEGs of about {side}² px ({result['jpeg_kib']:.0f} KiB each)"
+        mix = ", ".join(f"{float(r):.2f}:1 {share:.0%}" for r, share in result["mix"].items())
+        lines.append(f"aspect ratios (width:height): {mix}")
+    for name, ms in result["decode"].items():
         lines.append(
-            f"one JPEG to {size} px on one thread: {ms['draft_ms']:.1f} ms "
+            f"one JPEG to {name} on one thread: {ms['draft_ms']:.1f} ms "
             f"({ms['full_decode_ms']:.1f} ms decoding it at full size)"
         )
-    lines.append(f"{'img_size':>8} {'workers':>8} {'samples/s':>10} {'per worker':>11}")
+    for name, share in result["pixels_kept"].items():
+        lines.append(f"pixels kept, {name}: {share:.1%}")
+    lines.append(
+        f"{'img_size':>8} {'buckets':>8} {'workers':>8} {'samples/s':>10} {'per worker':>11} "
+        f"{'skipped':>8}"
+    )
     for run in result["runs"]:
         lines.append(
-            f"{run['img_size']:>8} {run['workers']:>8} {run['samples_per_s']:>10.1f} "
-            f"{run['samples_per_s_per_worker']:>11.1f}"
+            f"{run['img_size']:>8} {run['buckets']:>8} {run['workers']:>8} "
+            f"{run['samples_per_s']:>10.1f} {run['samples_per_s_per_worker']:>11.1f} "
+            f"{run['skipped']:>8}"
         )
     return "\n".join(lines)
 
@@ -691,7 +764,17 @@ def main(argv: list[str] | None = None) -> None:
         "--source", default="webdataset", choices=["webdataset", "shapes", "imagefolder"]
     )
     data.add_argument("--path", type=Path, default=None, help="default: generated shards")
-    data.add_argument("--source-size", type=positive_int, default=1024, help="generated side")
+    data.add_argument(
+        "--source-size", type=positive_int, default=1024, help="generated: about this² pixels"
+    )
+    data.add_argument(
+        "--mix", type=parse_mix, default=parse_mix(WEB_MIX),
+        help=f"generated images' aspect ratios, W:H=PERCENT,... (default: {WEB_MIX})",
+    )  # fmt: skip
+    data.add_argument(
+        "--buckets", nargs="+", choices=["square", "aspect"], default=["square", "aspect"]
+    )
+    data.add_argument("--max-upscale", type=positive_float, default=1.0, help="aspect buckets")
     data.add_argument("--images", type=positive_int, default=128, help="generated JPEGs")
     data.add_argument("--img-size", type=positive_int, nargs="+", default=[256, 512])
     data.add_argument("--workers", type=nonnegative_int, nargs="+", default=[0, 1, 2])

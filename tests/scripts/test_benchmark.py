@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from flux.model.args import flux_configs
@@ -55,11 +56,28 @@ def test_ema_times_an_update_with_and_without_cpu_offload(capsys) -> None:
         assert result[key]["update_ms"] > 0 and result[key]["swap_in_and_out_ms"] > 0
 
 
-def test_data_measures_each_size_and_worker_count_on_generated_shards(capsys) -> None:
+def test_data_measures_each_size_bucketing_and_worker_count_on_generated_shards(capsys) -> None:
+    """The default mix of aspect ratios, square crops against aspect buckets: aspect buckets
+    keep more of the pixels (a 16:9 image's centre square keeps 56%)."""
     args = ["--source-size", "128", "--images", "16", "--img-size", "32", "64"]
     main(["data", *args, "--workers", "0", "1", "--batch", "4", "--batches", "2", "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    runs = {(r["img_size"], r["workers"]): r["samples_per_s"] for r in result["runs"]}
-    assert set(runs) == {(32, 0), (32, 1), (64, 0), (64, 1)}
-    assert all(rate > 0 for rate in runs.values())
-    assert set(result["decode"]) == {"32", "64"} and result["source_size"] == 128  # JSON keys
+    runs = {(r["img_size"], r["buckets"], r["workers"]): r for r in result["runs"]}
+    assert set(runs) == {
+        (size, kind, workers)
+        for size in (32, 64)
+        for kind in ("square", "aspect")
+        for workers in (0, 1)
+    }
+    assert all(r["samples_per_s"] > 0 and r["skipped"] == 0 for r in runs.values())
+    assert set(result["decode"]) == {"32 square", "32 aspect", "64 square", "64 aspect"}
+    assert result["source_size"] == 128 and sum(result["mix"].values()) == pytest.approx(1)
+    kept = result["pixels_kept"]
+    assert 0.6 < kept["64 square"] < 0.9 < kept["64 aspect"] <= 1, kept
+
+
+def test_data_mix_of_aspect_ratios_is_parsed_or_refused_in_one_line(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["data", "--mix", "16:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--mix '16:9': give W:H=PERCENT pairs" in err[-1]
