@@ -87,3 +87,25 @@ def test_every_block_compiles_without_graph_breaks_and_keeps_its_output() -> Non
         torch.testing.assert_close(model(**inputs), reference)
     compiled = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
     assert len(compiled) == args.depth + args.depth_single_blocks
+
+
+def test_compiled_blocks_take_every_bucket_after_one_recompile() -> None:
+    """Aspect buckets give micro-batches of many token counts: a block's graph compiled for
+    the first is recompiled once, with the sequence length symbolic, and then serves every
+    other bucket (torch's cap of 8 recompiles per frame would send 17 buckets to eager)."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    args = flux_configs["flux-debug"]
+    model = FluxModel(args)
+    apply_compile(model, backend=backend)  # type: ignore[arg-type]
+    compiled_after = []
+    for h, w in ((4, 4), (3, 5), (2, 7), (6, 2)):  # latent patches of four buckets
+        model(**model_inputs(args, h=h, w=w)).square().mean().backward()
+        compiled_after.append(len(graphs))
+    first = compiled_after[0]
+    assert compiled_after[1] > first  # the second shape: one recompile, symbolic
+    assert compiled_after[2:] == [compiled_after[1]] * 2, compiled_after
