@@ -111,3 +111,27 @@ def test_skips_are_logged_periodically_with_where(tmp_path: Path, caplog) -> Non
     assert reports and "img001.png" in reports[0] and "undecodable image" in reports[0]
     # Only when something new was skipped: one report per skip here, not one per sample.
     assert 1 <= len(reports) <= dataset.skipped["undecodable image"] < 6
+
+
+def test_a_state_saved_before_per_stream_counts_resumes_as_it_did(tmp_path: Path) -> None:
+    """A checkpoint of an earlier flux holds no per-stream counts nor waiting samples: its
+    ranks had taken equal numbers of samples, each stream in turn; on 2 ranks after 3, and
+    on 3 after 3, it continues with the samples a current state gives."""
+    before = [CaptionedImages("shapes", 8, rank=r, world_size=3, streams=6) for r in range(3)]
+    for d in before:
+        take(d, 5)  # 5 samples of each rank's two streams: 3 of one, 2 of the other
+    states = [d.state_dict() for d in before]
+    old = [{k: v for k, v in s.items() if k not in ("taken", "pending")} for s in states]
+    from flux.data.dataset import merge_states
+
+    for world in (2, 3):
+        now, then = [], []
+        for r in range(world):
+            current = CaptionedImages("shapes", 8, rank=r, world_size=world, streams=6)
+            current.load_state_dict(merge_states(states))
+            earlier = CaptionedImages("shapes", 8, rank=r, world_size=world, streams=6)
+            earlier.load_state_dict(merge_states(old))
+            assert earlier.taken == current.taken, (world, r)
+            now.append(take(current, 4))
+            then.append(take(earlier, 4))
+        assert now == then, world
