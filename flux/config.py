@@ -21,6 +21,7 @@ import sys
 import tomllib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,10 @@ def parse_config(args: list[str]) -> JobConfig:
         check_toml(values, merged_config_class(), path)
     said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(said):
+        with contextlib.redirect_stderr(said), warnings.catch_warnings():
+            # A TOML array of pairs reaches tyro as lists where a setting holds tuples
+            # (validation.sample_sizes); tyro keeps them, and warns that it might not.
+            warnings.filterwarnings("ignore", "The field .* but the default value", UserWarning)
             job_config = ConfigManager().parse_args(args)
     except (AssertionError, ValueError) as e:  # torchtitan's own checks of a few fields
         message = " ".join(str(e).split()) or type(e).__name__
@@ -360,6 +364,17 @@ def check_validation(job_config: JobConfig) -> None:
             at_least("validation.samples", validation.samples, 1, "or -1: the whole set")
     elif not validation.sample_prompts:
         raise ConfigError("validation.sample_prompts is empty: give at least one prompt")
+    for pair in validation.sample_sizes:
+        if (
+            not (
+                len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            )
+            or min(pair) < 1
+        ):
+            raise ConfigError(
+                f"validation.sample_sizes holds {list(pair)}: give [width, height] pairs of "
+                "positive integers, e.g. [[1024, 576], [768, 1024]]"
+            )
 
 
 def check_checkpoint(job_config: JobConfig) -> None:
