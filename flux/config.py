@@ -286,6 +286,8 @@ def check_training(job_config: JobConfig) -> None:
         if not 0 <= value < 1:
             raise ConfigError(f"optimizer.{name} = {value}: use a value in [0, 1)")
     at_least("lr_scheduler.warmup_steps", schedule.warmup_steps, 0)
+    if schedule.total_steps is not None:
+        at_least("lr_scheduler.total_steps", schedule.total_steps, 1, "or leave it unset")
     if schedule.decay_ratio is not None:
         within("lr_scheduler.decay_ratio", schedule.decay_ratio, 0, 1)
     within("lr_scheduler.min_lr_factor", schedule.min_lr_factor, 0, 1)
