@@ -147,6 +147,7 @@ def test_a_run_goes_on_at_twice_the_size_with_its_optimizer_schedule_average_and
 def test_a_resume_trains_with_this_runs_optimizer_settings_and_says_so(
     first_stage, tmp_path, caplog
 ) -> None:
+    caplog.set_level(logging.WARNING)  # whatever level an earlier test left the root logger at
     dump = resumed_copy(first_stage, tmp_path)
     changed = ("--optimizer.lr", str(LR / 2), "--optimizer.weight_decay", "0.01")
     with stage(dump, 64, 3, *changed) as trainer:
@@ -190,6 +191,7 @@ def test_a_stage_whose_steps_are_already_trained_says_to_raise_training_steps(
     first_stage, tmp_path, caplog
 ) -> None:
     """The next stage's config must end at a later step than the checkpoint's."""
+    caplog.set_level(logging.WARNING)
     with stage(resumed_copy(first_stage, tmp_path), 64, 2) as trainer:
         seen = train(trainer)
     assert seen.steps == []
