@@ -22,6 +22,14 @@ data-parallel rank, the loader is told which entries the checkpoint holds so a r
 another number of ranks asks for one that exists. After a load: weights or optimizer state
 that are not finite are refused in one line.
 
+After a full load, the optimizer's moments and step count and the learning-rate schedule's
+position are the checkpoint's, and its settings are this run's: torchtitan would keep the
+checkpoint's learning rate, betas, eps and weight decay (they are saved with the moments),
+so a resume with a changed optimizer.lr, or a next stage of a progressive run, would
+silently train on the old values. The learning rate is this run's schedule at the loaded
+step, and what changed is logged. A model-only load (checkpoint.initial_load_path) says
+what starts afresh.
+
 When to save: the trainer may override the interval (always when stopping for a signal,
 never while its latest step was not applied).
 
@@ -37,6 +45,7 @@ trainer build FluxCheckpointManager and pins the signatures.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -50,6 +59,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, Shard
+from torch.optim.lr_scheduler import LambdaLR
 from torchtitan.components.checkpoint import (
     DATALOADER,
     LR_SCHEDULER,
@@ -58,6 +68,7 @@ from torchtitan.components.checkpoint import (
     AsyncMode,
     CheckpointManager,
 )
+from torchtitan.components.lr_scheduler import LRSchedulersContainer
 from torchtitan.tools.logging import logger
 
 from flux.checksums import mismatch, read_checksums, write_checksums
@@ -340,8 +351,21 @@ class FluxCheckpointManager(CheckpointManager):
     ) -> None:
         if not from_hf:
             self.check_before_load(state_dict, checkpoint_id)
+        schedules = self.states.get(LR_SCHEDULER)
+        settings = None
+        if LR_SCHEDULER in state_dict and isinstance(schedules, LRSchedulersContainer):
+            settings = optimizer_settings(schedules)
         super().dcp_load(self.checkpoint_state(state_dict), checkpoint_id, from_hf, from_quantized)
         self.check_loaded_values(state_dict, checkpoint_id)
+        if settings is not None and isinstance(schedules, LRSchedulersContainer):
+            changed = follow_settings(schedules, settings)
+            if changed:
+                logger.warning(
+                    f"{checkpoint_id}: resumed with this run's optimizer settings "
+                    f"({'; '.join(changed)}); the optimizer's moments and the learning-rate "
+                    f"schedule's position (step {schedules.schedulers[0].last_epoch}) are the "
+                    "checkpoint's"
+                )
 
     def check_before_load(self, state_dict: dict[str, Any], checkpoint_id: str) -> None:
         """Refuse an incomplete or corrupted checkpoint, another model's, or a model-only
@@ -368,6 +392,13 @@ class FluxCheckpointManager(CheckpointManager):
                 "to train on from its weights, start a new dump folder with "
                 f"--checkpoint.initial_load_path {checkpoint_id}; to resume, keep full "
                 "checkpoints (last_save_model_only = false)"
+            )
+        if checkpoint_id == self.initial_load_path and not wanted:
+            logger.info(
+                f"checkpoint.initial_load_path {checkpoint_id}: the model's weights only; the "
+                "step count (from 1), optimizer, learning-rate schedule (with its warm-up), "
+                "data order and EMA start afresh (--checkpoint.no-initial-load-model-only "
+                "carries them too)"
             )
         if EMA in state_dict and EMA not in saved_groups:  # saved by a run without [ema]
             logger.warning(f"{checkpoint_id} holds no EMA: the average starts from its weights")
@@ -409,6 +440,46 @@ class FluxCheckpointManager(CheckpointManager):
         """Block until an asynchronous save has reached the disk, with its checksums."""
         if self.enable:  # torchtitan sets up its saving state only then
             self._async_wait()
+
+
+# -- this run's optimizer settings after a load ---------------------------------------------
+def optimizer_settings(schedules: LRSchedulersContainer) -> list[list[dict[str, Any]]]:
+    """What this run sets for each parameter group of each scheduled optimizer: all but the
+    parameters and the current learning rate (initial_lr is the schedule's base)."""
+    return [
+        [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in groups]
+        for groups in (s.optimizer.param_groups for s in schedules.schedulers)
+    ]
+
+
+def follow_settings(
+    schedules: LRSchedulersContainer, settings: list[list[dict[str, Any]]]
+) -> list[str]:
+    """After a load: each group's settings back to this run's (optimizer_settings, taken
+    before it), its learning rate this run's schedule at the loaded step. Returns what
+    changed from the checkpoint's, as "name saved -> now"."""
+    changed: dict[str, str] = {}
+    for schedule, groups in zip(schedules.schedulers, settings):
+        assert isinstance(schedule, LambdaLR), "torchtitan schedules with LambdaLR"
+        step = schedule.last_epoch
+        params = schedule.optimizer.param_groups
+        for group, wanted, lr_lambda in zip(params, groups, schedule.lr_lambdas):
+            lr = wanted["initial_lr"] * lr_lambda(step)
+            for key, value in (*wanted.items(), ("lr", lr)):
+                if key != "initial_lr" and not _same(group.get(key), value):
+                    changed.setdefault(key, f"{key} {group.get(key)} -> {value}")
+            group.update(wanted, lr=lr)
+        schedule.base_lrs = [g["initial_lr"] for g in groups]
+        schedule._last_lr = [g["lr"] for g in params]
+    return list(changed.values())
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
 # -- tensor parallelism's layouts in checkpoints -------------------------------------------

@@ -21,6 +21,7 @@ import sys
 import tomllib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +147,10 @@ def parse_config(args: list[str]) -> JobConfig:
         check_toml(values, merged_config_class(), path)
     said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(said):
+        with contextlib.redirect_stderr(said), warnings.catch_warnings():
+            # A TOML array of pairs reaches tyro as lists where a setting holds tuples
+            # (validation.sample_sizes); tyro keeps them, and warns that it might not.
+            warnings.filterwarnings("ignore", "The field .* but the default value", UserWarning)
             job_config = ConfigManager().parse_args(args)
     except (AssertionError, ValueError) as e:  # torchtitan's own checks of a few fields
         message = " ".join(str(e).split()) or type(e).__name__
@@ -285,6 +289,8 @@ def check_training(job_config: JobConfig) -> None:
         if not 0 <= value < 1:
             raise ConfigError(f"optimizer.{name} = {value}: use a value in [0, 1)")
     at_least("lr_scheduler.warmup_steps", schedule.warmup_steps, 0)
+    if schedule.total_steps is not None:
+        at_least("lr_scheduler.total_steps", schedule.total_steps, 1, "or leave it unset")
     if schedule.decay_ratio is not None:
         within("lr_scheduler.decay_ratio", schedule.decay_ratio, 0, 1)
     within("lr_scheduler.min_lr_factor", schedule.min_lr_factor, 0, 1)
@@ -413,6 +419,17 @@ def check_validation(job_config: JobConfig) -> None:
             at_least("validation.samples", validation.samples, 1, "or -1: the whole set")
     elif not validation.sample_prompts:
         raise ConfigError("validation.sample_prompts is empty: give at least one prompt")
+    for pair in validation.sample_sizes:
+        if (
+            not (
+                len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            )
+            or min(pair) < 1
+        ):
+            raise ConfigError(
+                f"validation.sample_sizes holds {list(pair)}: give [width, height] pairs of "
+                "positive integers, e.g. [[1024, 576], [768, 1024]]"
+            )
 
 
 def check_checkpoint(job_config: JobConfig) -> None:

@@ -127,6 +127,12 @@ class Validation:
     )
     """Prompts sampled at each validation, saved as one PNG grid per step"""
 
+    sample_sizes: list[tuple[int, int]] = field(default_factory=list)
+    """[width, height] pairs the prompts are sampled at, one grid row each (TOML:
+    [[1024, 576], [768, 1024]]; command line: 1024 576 768 1024). Each is scaled to the
+    run's resolution: its aspect ratio at about img_size² pixels, sides multiples of 16, so
+    one list serves every stage of a progressive run (empty: one square of img_size)"""
+
     sampling_steps: int = 20
     """Euler steps when sampling validation images"""
 

@@ -27,6 +27,17 @@ def check_image_size(size: int, name: str) -> None:
         raise ValueError(f"{name} = {size}: use a positive multiple of {PIXELS_PER_TOKEN}")
 
 
+def scaled_size(width: int, height: int, img_size: int) -> tuple[int, int]:
+    """(width, height) of the aspect ratio width:height with about img_size² pixels, each
+    side rounded to a multiple of 16 (at least 16): one size list serves every resolution."""
+    scale = img_size / math.sqrt(width * height)
+
+    def rounded(side: int) -> int:
+        return max(1, round(side * scale / PIXELS_PER_TOKEN)) * PIXELS_PER_TOKEN
+
+    return rounded(width), rounded(height)
+
+
 def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
     """A host tensor on the device without waiting for the device: pinned, then copied
     asynchronously (a copy from pageable memory waits until the device's queue has run).

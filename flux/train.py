@@ -156,6 +156,13 @@ class FluxTrainer(Trainer):
         applied, and "Training completed" only when the last step was applied."""
         self.clock = (time.perf_counter(), -1)  # the step it starts from: at its first step
         super().train()
+        steps = self.job_config.training.steps
+        if self.clock[1] < 0 and self.step >= steps:  # no step ran: resumed at its end
+            logger.warning(
+                f"nothing to train: the checkpoint is at step {self.step} and training.steps "
+                f"is {steps}; to train on (a longer run, the next stage of a progressive one), "
+                "raise training.steps"
+            )
         self.settle()  # the last steps' verdicts: the run ends knowing what each step did
         logger.info(f"data: {self.skips().line()}")
         summary = self.nonfinite.summary()

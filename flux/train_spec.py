@@ -32,6 +32,7 @@ from flux.generate import SampleSettings
 from flux.model.args import FluxModelArgs, flux_configs, training_flops_per_sample
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import init_as_one_process, parallelize_flux
+from flux.sampling import scaled_size
 from flux.validate import FluxValidator, ValidationSettings
 
 
@@ -160,7 +161,8 @@ def global_batch_size(job_config: JobConfig, dp_world_size: int) -> int:
 def validation_settings(job_config: JobConfig, dp_world_size: int = 1) -> ValidationSettings:
     validation, training = job_config.validation, job_config.training
     sampling = SampleSettings(
-        img_size=validation.img_size,
+        width=validation.img_size,
+        height=validation.img_size,
         steps=validation.sampling_steps,
         cfg_scale=validation.cfg_scale,
         guidance=training.guidance,
@@ -178,6 +180,10 @@ def validation_settings(job_config: JobConfig, dp_world_size: int = 1) -> Valida
         freq=validation.freq,
         loss_timesteps=validation.loss_timesteps,
         sample_prompts=tuple(validation.sample_prompts),
+        sample_sizes=tuple(
+            scaled_size(width, height, validation.img_size)
+            for width, height in validation.sample_sizes
+        ),
         metric=validation.metric,
         samples=validation.samples,
         target_loss=validation.target_loss,

@@ -11,8 +11,9 @@ ranks, so the number does not depend on the ranks or the batch size. Either is l
 validation_metrics/loss, with the loss at each timestep beside it. A loss at or below
 `validation.target_loss` ends the run (the trainer logs the time to train).
 (b) Images: the prompts of `validation.sample_prompts`, Euler steps with classifier-free
-guidance from fixed noise, saved by rank 0 as <dump_folder>/validation/step_<N>.png, one row
-with each prompt under its image.
+guidance from fixed noise, at each of `validation.sample_sizes` (scaled to the run's
+resolution; by default one square), saved by rank 0 as <dump_folder>/validation/step_<N>.png:
+a row per size, a column per prompt, each image over its caption.
 
 With [ema] enabled, both are made for the average of the weights too (or instead:
 ema.validation), which is swapped into the model for the duration: its loss is logged as
@@ -31,7 +32,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,8 @@ class ValidationSettings:
     freq: int  # validate every freq steps (and after step 1)
     loss_timesteps: int
     sample_prompts: tuple[str, ...]
-    sampling: SampleSettings  # the images sampled for the prompts
+    sampling: SampleSettings  # the images sampled for the prompts (at its width × height,
+    # or, with sample_sizes, at each of them)
     seed: int  # the run's data seed; held-out draws derive from it
     folder: Path  # where the image grids go
     weights: tuple[str, ...] = ("raw",)  # "raw" and/or "ema" (the average; flux.ema)
@@ -156,6 +158,11 @@ class ValidationSettings:
     every_samples: int = 0  # validate every N training samples (0: every freq steps)
     samples_per_step: int = 1  # training samples per optimizer step (the global batch)
     buckets: Buckets | None = None  # the held-out images' sizes (None: img_size squares)
+    sample_sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each grid row
+
+    def image_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each row of sampled images."""
+        return self.sample_sizes or ((self.sampling.width, self.sampling.height),)
 
 
 class FluxValidator(BaseValidator):
@@ -405,24 +412,28 @@ class FluxValidator(BaseValidator):
             by_bucket[1, b] += 1
         return totals / s.steps, Skips(skip_counts(loader), used), by_bucket
 
-    def sample(self, model: nn.Module) -> torch.Tensor:
-        """Every rank samples the same prompts (FSDP needs every rank in each forward)."""
-        pre = self.preprocess
+    def sample(self, model: nn.Module) -> list[torch.Tensor]:
+        """The prompts' images at each size: (B, 3, H, W) per size. Every rank samples the
+        same prompts (FSDP needs every rank in each forward)."""
+        pre, s = self.preprocess, self.settings
         assert pre is not None, "FluxTrainer attaches the encoders"
         assert pre.autoencoder is not None, "FluxPreprocessor keeps the decoder to validate"
         t5, clip = pre.text_encoders()  # with precomputed data, maybe the cache's encodings
-        return generate(
-            model,
-            t5,
-            clip,
-            pre.autoencoder,
-            list(self.settings.sample_prompts),
-            self.settings.sampling,
-            self.device,
-            pre.settings.guidance_embed,
-        )
+        return [
+            generate(
+                model,
+                t5,
+                clip,
+                pre.autoencoder,
+                list(s.sample_prompts),
+                replace(s.sampling, width=width, height=height),
+                self.device,
+                pre.settings.guidance_embed,
+            )
+            for width, height in s.image_sizes()
+        ]
 
-    def save_grid(self, images: torch.Tensor, step: int, subfolder: str = "") -> Path:
+    def save_grid(self, images: list[torch.Tensor], step: int, subfolder: str = "") -> Path:
         grid, info = image_grid(images, list(self.settings.sample_prompts))
         folder = self.settings.folder / subfolder
         folder.mkdir(parents=True, exist_ok=True)

@@ -310,6 +310,9 @@ def bad_settings(tmp: Path) -> list[tuple[tuple[str, ...], str]]:
         (("--validation.target_loss", "-0.5"), "validation.target_loss = -0.5"),
         (("--validation.every_samples", "-1"), "validation.every_samples = -1"),
         (("--validation.metric", "fid"), "validation.metric = 'fid': choose loss or mlperf"),
+        (("--validation.sample_sizes", "0", "16"), "validation.sample_sizes holds [0, 16]: give"),
+        (("--validation.sample_sizes", "16", "16", "5"), "Error parsing --validation.sample-sizes"),
+        (("--lr_scheduler.total_steps", "0"), "lr_scheduler.total_steps = 0: use 1 or more"),
         (("--validation.metric", "mlperf", "--validation.samples", "0"), "validation.samples = 0"),
         (("--validation.metric", "mlperf"), "the shapes source is endless: give a number"),
         (

@@ -9,6 +9,7 @@ from flux.sampling import (
     image_ids,
     pack_latents,
     sample_timesteps,
+    scaled_size,
     unpack_latents,
 )
 
@@ -50,6 +51,15 @@ def test_logit_normal_favours_the_middle_and_the_shift_moves_toward_noise() -> N
 def test_unknown_timestep_sampling_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown timestep_sampling 'cosine'"):
         sample_timesteps("cosine", 2, 256)
+
+
+def test_a_size_scales_to_a_resolution_keeping_its_aspect_ratio_in_multiples_of_16() -> None:
+    sizes = [(1024, 576), (768, 1024), (512, 512)]
+    assert [scaled_size(w, h, 256) for w, h in sizes] == [(336, 192), (224, 288), (256, 256)]
+    assert [scaled_size(w, h, 1024) for w, h in sizes] == [(1360, 768), (880, 1184), (1024, 1024)]
+    for w, h in (scaled_size(w, h, 512) for w, h in sizes):
+        assert w % 16 == h % 16 == 0 and abs(w * h / 512**2 - 1) < 0.1
+    assert scaled_size(4000, 1, 64) == (4048, 16)  # no side below 16
 
 
 def test_schedules_run_from_one_to_zero() -> None:

@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch import nn
 
+from flux import validate
 from flux.config import DEBUG_CONFIG
 from flux.flow import Encoded, FlowBatch
-from flux.generate import SampleSettings
+from flux.generate import SampleSettings, grid_tiles, image_grid
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_compile
-from flux.train_spec import build_preprocessor, global_batch_size
+from flux.train_spec import build_preprocessor, global_batch_size, validation_settings
 from flux.validate import (
     FluxValidator,
     TimestepLosses,
@@ -40,7 +41,7 @@ SETTINGS = ValidationSettings(
     freq=1,
     loss_timesteps=8,
     sample_prompts=(),
-    sampling=SampleSettings(64, 1, 1.0, 1.0, False, 0),
+    sampling=SampleSettings(width=64, height=64, steps=1, cfg_scale=1.0, shift=False),
     seed=0,
     folder=Path("unused"),
     metric="mlperf",
@@ -174,6 +175,46 @@ def test_the_mlperf_loss_of_the_debug_model_is_fixed_and_independent_of_the_rank
     assert metric(1, 4) == one  # the same noise every time
     assert metric(2, 2) == pytest.approx(one, rel=1e-5)
     assert metric(3, 1) == pytest.approx(one, rel=1e-5)
+
+
+def test_a_validator_with_two_sample_sizes_writes_a_grid_of_both_shapes(
+    tmp_path, monkeypatch
+) -> None:
+    """validation.sample_sizes [[1024, 576], [768, 1024]] at a 64-px run: 80×48 and 48×80,
+    each prompt at each size, in one grid whose tiles keep their shapes."""
+    config = job(
+        "--validation.enable",
+        *("--validation.sample_sizes", "1024", "576", "768", "1024"),
+        *("--validation.sampling_steps", "1", "--validation.cfg_scale", "1"),
+        *("--job.dump_folder", str(tmp_path)),
+    )
+    config.validation.sample_prompts = ["a red circle", "a blue square"]
+    settings = validation_settings(config)
+    assert settings.image_sizes() == ((80, 48), (48, 80))
+    v = FluxValidator(settings, 1, 0, OneProcess(), None)  # type: ignore[arg-type]
+    args = flux_configs["flux-debug"]
+    v.attach(build_preprocessor(config, args, CPU), CPU)
+    gridded: list[tuple[int, ...]] = []
+
+    def recording_grid(rows, prompts):
+        gridded.extend(tuple(images.shape) for images in rows)
+        return image_grid(rows, prompts)
+
+    monkeypatch.setattr(validate, "image_grid", recording_grid)
+    torch.manual_seed(0)
+    model = FluxModel(args)
+    model.init_weights()
+    with torch.no_grad():
+        path = v.save_grid(v.sample(model), step=3)
+    assert gridded == [(2, 3, 48, 80), (2, 3, 80, 48)]  # (B, 3, height, width) per size
+    assert path == tmp_path / "validation" / "step_000003.png"
+    tiles = grid_tiles(str(path))
+    assert [(prompt, image.size) for prompt, image in tiles] == [
+        ("a red circle", (80, 48)),
+        ("a blue square", (80, 48)),
+        ("a red circle", (48, 80)),
+        ("a blue square", (48, 80)),
+    ]
 
 
 def test_validation_is_due_each_time_the_samples_seen_pass_a_multiple() -> None:

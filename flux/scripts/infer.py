@@ -4,8 +4,8 @@
         --prompts "a large red circle at the center on a white background"
     python -m flux.scripts.infer --flavor flux-schnell --checkpoint flux1-schnell.safetensors \
         --t5 google/t5-v1_1-xxl --clip openai/clip-vit-large-patch14 \
-        --autoencoder flux/assets/autoencoder/ae.safetensors --size 1024 --steps 4 \
-        --schedule schnell --cfg_scale 1 --prompts_file prompts.txt
+        --autoencoder flux/assets/autoencoder/ae.safetensors --width 1360 --height 768 \
+        --steps 4 --schedule schnell --cfg_scale 1 --prompts_file prompts.txt
 
 --checkpoint is a trainer checkpoint folder (checkpoint/step-N, saved on any number of
 processes) or a FLUX.1-format .safetensors file. From a checkpoint of a run that kept an
@@ -50,8 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts_file", help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs/images", help="folder the PNGs are written to")
     p.add_argument(
-        "--size", type=positive_int, default=64, help="height and width, a multiple of 16"
+        "--size", type=positive_int, default=64, help="width and height, a multiple of 16"
     )
+    p.add_argument("--width", type=positive_int, help="a multiple of 16 (default: --size)")
+    p.add_argument("--height", type=positive_int, help="a multiple of 16 (default: --size)")
     p.add_argument("--steps", type=positive_int, default=20, help="Euler steps")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch_size", type=positive_int, default=4)
@@ -92,7 +94,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> list[Path]:
     prompts = read_prompts(args)
-    check_image_size(args.size, "--size")
+    for side in ("width", "height"):  # each --width/--height, or --size
+        given = getattr(args, side)
+        check_image_size(given or args.size, f"--{side}" if given else "--size")
+        setattr(args, side, given or args.size)
     model_args = flux_configs[args.flavor]
     device, dtype = torch.device(args.device), TORCH_DTYPE_MAP[args.dtype]
     if args.ema is None:
@@ -120,7 +125,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         settings = SampleSettings(
-            img_size=args.size,
+            width=args.width,
+            height=args.height,
             steps=args.steps,
             cfg_scale=args.cfg_scale,
             guidance=args.guidance,
@@ -147,7 +153,8 @@ def png_info(prompt: str, seed: int, args: argparse.Namespace):
         "flavor": args.flavor,
         "checkpoint": str(args.checkpoint),
         "weights": "ema" if args.ema else "raw",
-        "size": args.size,
+        "width": args.width,
+        "height": args.height,
         "steps": args.steps,
         "cfg_scale": args.cfg_scale,
         "schedule": args.schedule,

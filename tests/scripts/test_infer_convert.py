@@ -171,6 +171,42 @@ def test_inference_samples_the_average_or_the_weights_as_asked(checkpoint, tmp_p
     assert not np.array_equal(np.asarray(pngs["default"]), np.asarray(pngs["raw"]))
 
 
+def test_inference_writes_an_image_of_the_width_and_height_asked_for(tmp_path) -> None:
+    model = FluxModel(ARGS)
+    randomize(model, std=0.05)
+    weights = tmp_path / "flux1-debug.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    out = tmp_path / "images"
+    common = ["--checkpoint", str(weights), "--steps", "1", "--prompts", RED]
+    infer.main([*common, "--width", "48", "--height", "32", "--out", str(out)])
+    image = Image.open(out / "00000_0.png")
+    assert image.size == (48, 32)  # PIL: (width, height)
+    settings = json.loads(image.text["settings"])  # type: ignore[attr-defined]
+    assert (settings["width"], settings["height"]) == (48, 32)
+    infer.main([*common, "--size", "32", "--width", "16", "--out", str(tmp_path / "sized")])
+    assert Image.open(tmp_path / "sized" / "00000_0.png").size == (16, 32)  # --size: the other
+
+
+@pytest.mark.parametrize(
+    "sides, expected",
+    [
+        (("--width", "40"), "--width = 40: use a positive multiple of 16"),
+        (("--height", "24"), "--height = 24: use a positive multiple of 16"),
+        (("--size", "8"), "--size = 8: use a positive multiple of 16"),
+        (("--width", "0"), "--width: 0 is not a positive integer"),
+    ],
+    ids=["width", "height", "size", "zero"],
+)
+def test_inference_refuses_a_side_that_is_not_a_multiple_of_16_in_one_line(
+    tmp_path, capsys, sides, expected
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--checkpoint", str(tmp_path), "--prompts", RED, *sides])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err
+
+
 @pytest.mark.parametrize(
     "make, expected",
     [
