@@ -18,7 +18,6 @@ from flux.flow import Encoded, FlowBatch
 from flux.generate import SampleSettings, grid_tiles, image_grid
 from flux.model.args import flux_configs
 from flux.model.model import FluxModel
-from flux.parallel.parallelize import apply_compile
 from flux.train_spec import build_preprocessor, global_batch_size, validation_settings
 from flux.validate import (
     FluxValidator,
@@ -29,7 +28,7 @@ from flux.validate import (
 )
 from tests.caches import job, make_cache
 from tests.launch import run_train
-from tests.model.helpers import model_inputs, randomize
+from tests.model.helpers import compiled_debug_model, model_inputs, randomize
 
 CPU = torch.device("cpu")
 SETTINGS = ValidationSettings(
@@ -50,16 +49,9 @@ SETTINGS = ValidationSettings(
 
 
 def test_validation_runs_compiled_blocks_without_compiling_them_again() -> None:
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
     args = flux_configs["flux-debug"]
-    model = FluxModel(args)
+    model, graphs = compiled_debug_model()
     randomize(model, std=0.05)
-    apply_compile(model, backend=backend)  # type: ignore[arg-type]
     model(**model_inputs(args)).square().mean().backward()  # training's shapes
     trained = len(graphs)
     validation = model_inputs(args, batch=3, h=2, w=2, txt_len=5)

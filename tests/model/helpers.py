@@ -42,3 +42,21 @@ def model_inputs(
     if args.guidance_embed:
         inputs["guidance"] = torch.full((batch,), 3.5)
     return inputs
+
+
+def compiled_debug_model() -> tuple[nn.Module, list[torch.fx.GraphModule]]:
+    """The debug FluxModel with each block compiled by a backend that records the graphs
+    it is given (and runs them as traced): the list grows with every (re)compile."""
+    from flux.model.model import FluxModel
+    from flux.parallel.parallelize import apply_compile
+
+    torch._dynamo.reset()  # forget shapes earlier tests compiled these blocks' code for
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    model = FluxModel(flux_configs["flux-debug"])
+    apply_compile(model, backend=backend)  # type: ignore[arg-type]
+    return model, graphs

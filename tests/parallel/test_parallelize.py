@@ -11,7 +11,7 @@ from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_activation_checkpointing, apply_compile
 from flux.scripts.benchmark import SavedActivations
-from tests.model.helpers import model_inputs
+from tests.model.helpers import compiled_debug_model, model_inputs
 
 
 def loss_and_grads(model: torch.nn.Module, inputs: dict) -> tuple[float, list[torch.Tensor]]:
@@ -93,15 +93,8 @@ def test_compiled_blocks_take_every_bucket_after_one_recompile() -> None:
     """Aspect buckets give micro-batches of many token counts: a block's graph compiled for
     the first is recompiled once, with the sequence length symbolic, and then serves every
     other bucket (torch's cap of 8 recompiles per frame would send 17 buckets to eager)."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
     args = flux_configs["flux-debug"]
-    model = FluxModel(args)
-    apply_compile(model, backend=backend)  # type: ignore[arg-type]
+    model, graphs = compiled_debug_model()
     compiled_after = []
     for h, w in ((4, 4), (3, 5), (2, 7), (6, 2)):  # latent patches of four buckets
         model(**model_inputs(args, h=h, w=w)).square().mean().backward()
