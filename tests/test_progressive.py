@@ -198,3 +198,25 @@ def test_a_stage_whose_steps_are_already_trained_says_to_raise_training_steps(
     (line,) = [r.getMessage() for r in caplog.records if "nothing to train" in r.getMessage()]
     assert "the checkpoint is at step 2 and training.steps is 2" in line
     assert "raise training.steps" in line
+
+
+def test_aspect_buckets_go_on_from_256_to_512_px(tmp_path) -> None:
+    """The issue's stages on the debug flavor: a step at 256 px in aspect buckets, then one
+    at 512 px from its checkpoint; finite losses, the step count carried, the images in
+    the larger size's buckets."""
+    from flux.config import data_buckets
+    from tests.data.images import MIX, mixed_folder
+
+    large = {(w * 10, h * 10): count for (w, h), count in MIX.items()}  # 640x480, ...
+    images = mixed_folder(tmp_path / "images", large)
+    data = ("--training.dataset", "imagefolder", "--training.dataset_path", str(images))
+    buckets = ("--training.buckets", "aspect", "--training.max_upscale", "2", *data)
+    one = ("--training.local_batch_size", "1")
+    with stage(tmp_path / "run", 256, 1, *buckets, *one) as trainer:
+        first = train(trainer)
+    with stage(tmp_path / "run", 512, 2, *buckets, *one) as trainer:
+        second = train(trainer)
+        sizes = {w for w, _ in data_buckets(trainer.job_config, 512).sizes}
+    assert first.steps == [1] and second.steps == [2]
+    assert all(math.isfinite(v) for v in first.losses + second.losses)
+    assert second.sides <= sizes and not second.sides & first.sides
