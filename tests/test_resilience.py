@@ -1,7 +1,9 @@
 """A run keeps its work: preemption signals, killed processes, half-written or corrupted
 checkpoints, non-finite steps, data that goes missing, a checkpoint of another model.
-Mostly through ./run_train.sh with two processes (FSDP on gloo), against one unbroken run
-of the same 16 steps made once per session; the accounting itself in this process."""
+What needs processes (signals, kills, FSDP's checkpoints) through ./run_train.sh with two
+processes (FSDP on gloo), against one unbroken run of the same 16 steps made once per
+session; refusals and non-finite steps through flux.train.main in this process
+(tests.launch.train_here); the accounting itself in this process."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Run, Training, run_train
+from tests.launch import Run, Training, run_train, train_here
 from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16
@@ -137,7 +139,7 @@ def test_an_explicit_load_of_a_half_written_checkpoint_is_refused_in_one_line(
     dump = tmp_path / "run"
     shutil.copytree(unbroken[1] / "checkpoint" / "step-4", dump / "checkpoint" / "step-4")
     (dump / "checkpoint" / "step-4" / ".metadata").unlink()
-    run = run_train(dump, *ARGS, "--checkpoint.load_step", "4")
+    run = train_here(dump, *ARGS, "--checkpoint.load_step", "4")
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
     assert "step-4 is incomplete (no .metadata" in lines[0]
@@ -156,7 +158,7 @@ def diverged(tmp_path_factory) -> tuple[Run, Path, Path]:
         *("--optimizer.lr", "1e30", "--checkpoint.interval", "1"),
         *("--training.dataset", "imagefolder", "--training.dataset_path", str(folder)),
     )
-    return run_train(dump, *args), dump, folder
+    return train_here(dump, *args), dump, folder
 
 
 @pytest.mark.e2e
@@ -227,7 +229,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
 
     wider = dataclasses.replace(flux_configs["flux-debug"], hidden_size=128, num_heads=8)
     save_dcp(FluxModel(wider).state_dict(), tmp_path / "checkpoint" / "step-2")
-    run = run_train(tmp_path, *ARGS)
+    run = train_here(tmp_path, *ARGS)
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
     assert "was written by another model" in lines[0] and "model.flavor" in lines[0]
@@ -262,7 +264,7 @@ def test_a_non_finite_step_changes_no_weight_nor_the_average_and_training_goes_o
         *("--validation.freq", "1", "--validation.steps", "1", "--validation.sampling_steps", "1"),
         *("--ema.enable", "--ema.decay", "0.5"),
     )
-    run = run_train(tmp_path / "run", *args)
+    run = train_here(tmp_path / "run", *args)
     assert run.returncode == 0, run.output[-3000:]
     assert "step 3: loss nan / gradient norm nan not finite" in run.output
     assert "1 step not applied (loss or gradients not finite): 3" in run.output
