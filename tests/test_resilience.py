@@ -66,42 +66,64 @@ def unbroken(tmp_path_factory) -> tuple[Run, Path]:
     return run_train(dump, *ARGS, *EVERY_4, nproc=2), dump
 
 
-@pytest.mark.e2e
-def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_ends_unbroken(
-    unbroken, tmp_path
-) -> None:
-    dump = tmp_path / "run"
-    args = (*ARGS, "--checkpoint.interval", "1000")  # no checkpoint but the one on SIGTERM
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory) -> tuple[Run, list[str], Run, int]:
+    """A run with no checkpoint but the one a signal asks for, stopped by SIGTERM after
+    step 2 (the run, and what it saved), then the same command again, with torchrun
+    allowed one restart: one of its processes is killed two steps after it resumed (the
+    rerun, and the last step logged before the kill)."""
+    dump = tmp_path_factory.mktemp("preempted") / "run"
+    args = (*ARGS, "--checkpoint.interval", "1000")
     training = Training(dump, *args, nproc=2)
     training.wait_until(lambda: "step:  2 " in training.output)
     training.process.send_signal(signal.SIGTERM)  # to run_train.sh, as a scheduler would
     stopped = training.finish()
+    kept = saved(dump)
+    if stopped.returncode != 75 or not stopped.losses:
+        return stopped, kept, stopped, -1  # the tests say what went wrong
+    resume_at = max(stopped.losses) + 1
+    rerun = Training(dump, *args, nproc=2, env={"MAX_RESTARTS": "1"})
+    rerun.wait_until(lambda: 1 in rerun.worker_pids())
+    rank_1 = rerun.worker_pids()[1]
+    rerun.wait_until(lambda: max(Run(0, rerun.output).losses, default=0) >= resume_at + 1)
+    os.kill(rank_1, signal.SIGKILL)
+    killed_at = max(Run(0, rerun.output).losses)  # the kill came after this step at the latest
+    return stopped, kept, rerun.finish(), killed_at
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_after_the_step_with_a_checkpoint(preempted) -> None:
+    stopped, kept, _, _ = preempted
     assert stopped.returncode == 75, stopped.output[-3000:]
     last = max(stopped.losses)
     assert 2 <= last < STEPS
-    assert saved(dump) == [f"step-{last}"]
+    assert kept == [f"step-{last}"]
     assert f"preempted after step {last}" in stopped.output
     assert "run the same command again" in stopped.output
 
-    resumed = run_train(dump, *args, nproc=2)
-    assert min(resumed.losses) == last + 1
-    assert final_loss(resumed) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+
+@pytest.mark.e2e
+def test_the_rerun_after_sigterm_resumes_at_the_next_step_and_ends_unbroken(
+    preempted, unbroken
+) -> None:
+    stopped, _, rerun, _ = preempted
+    assert stopped.returncode == 75, stopped.output[-3000:]
+    assert min(rerun.losses) == max(stopped.losses) + 1
+    assert final_loss(rerun) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
 @pytest.mark.e2e
 def test_a_killed_process_restarts_from_the_last_checkpoint_and_ends_unbroken(
-    unbroken, tmp_path
+    preempted, unbroken
 ) -> None:
-    dump = tmp_path / "run"
-    training = Training(dump, *ARGS, *EVERY_4, nproc=2, env={"MAX_RESTARTS": "1"})
-    training.wait_until(lambda: (dump / "checkpoint" / "step-4" / ".metadata").is_file())
-    training.wait_until(lambda: 1 in training.worker_pids())
-    killed_at = max(Run(0, training.output).losses)
-    os.kill(training.worker_pids()[1], signal.SIGKILL)
-    run = training.finish()
-    assert "exitcode: -9" in run.output, run.output[-3000:]  # torchrun saw the kill
+    """The rerun above: torchrun restarts its processes after one is killed, and they
+    resume from the newest checkpoint (the one SIGTERM left)."""
+    stopped, _, rerun, killed_at = preempted
+    assert stopped.returncode == 75, stopped.output[-3000:]
+    assert "exitcode: -9" in rerun.output, rerun.output[-3000:]  # torchrun saw the kill
     assert killed_at < STEPS, "the run ended before the kill"
-    assert final_loss(run) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+    assert rerun.output.count(f"Training starts at step {max(stopped.losses) + 1}") == 2
+    assert final_loss(rerun) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
 @pytest.mark.e2e
