@@ -213,6 +213,8 @@ def test_a_float8_checkpoint_resumes_without_float8(tmp_path) -> None:
     first = run_train(tmp_path / "float8", *args, *FLOAT8, nproc=2)
     assert first.returncode == 0, first.output[-3000:]
     assert "Swapped to Float8Linear" in first.output
+    # FSDP over two processes: what turns the float8 all-gather on
+    assert "enable_fsdp_float8_all_gather=True" in first.output
     dump = tmp_path / "float32"
     shutil.copytree(tmp_path / "float8" / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
     later = ("--training.steps", "3", "--checkpoint.interval", "1")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from tests.launch import REFERENCE, ROOT, average_at, run_train
+from tests.launch import REFERENCE, ROOT, Training, average_at, run_train
 from tests.parallel.tp_worker import LAYOUTS
 
 pytestmark = pytest.mark.e2e
@@ -92,8 +92,10 @@ def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(
     """The reference run of one process (tests/conftest.py) against the same run with its
     heads split over two processes (TP) and with its tokens split (CP)."""
     reference, _ = single
-    tp = run_train(tmp_path / "tp", *REFERENCE, *TP2, nproc=2)
-    cp = run_train(tmp_path / "cp", *REFERENCE, *CP2, nproc=2)
+    # side by side: each spends part of its time waiting (start-up, torchrun, gloo)
+    tp_training = Training(tmp_path / "tp", *REFERENCE, *TP2, nproc=2)
+    cp_training = Training(tmp_path / "cp", *REFERENCE, *CP2, nproc=2)
+    tp, cp = tp_training.finish(), cp_training.finish()
     for run in (reference, tp, cp):
         assert run.returncode == 0, run.output[-3000:]
         assert sorted(run.losses) == [1, 2, 3, 4]
