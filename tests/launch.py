@@ -67,6 +67,12 @@ def run_train(dump_folder: Path, *args: str, nproc: int | str = 1, timeout: int 
     return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
 
 
+def selected_tests_use(request: Any, fixture: str) -> bool:
+    """Whether a test of this pytest session (as selected) asks for `fixture`, directly or
+    through another fixture: what a fixture that starts runs side by side checks first."""
+    return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
+
+
 class _NoOtherRanks:
     """The time module as torchtitan's Trainer sees it, but for the 2 s it sleeps after the
     last step "for other ranks to complete": a process group of one has none to wait for."""

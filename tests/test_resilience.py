@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Run, Training, run_train, train_here
+from tests.launch import Run, Training, run_train, selected_tests_use, train_here
 from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16
@@ -60,18 +61,28 @@ def saved(dump: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory) -> tuple[Run, Path]:
-    """16 steps on two processes, a checkpoint every 4."""
-    dump = tmp_path_factory.mktemp("unbroken")
-    return run_train(dump, *ARGS, *EVERY_4, nproc=2), dump
+def unbroken_training(tmp_path_factory) -> Iterator[Training]:
+    """16 steps on two processes, a checkpoint every 4: started (see `unbroken`)."""
+    training = Training(tmp_path_factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
+    yield training
+    training.process.wait(timeout=300)
 
 
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory) -> tuple[Run, list[str], Run, int]:
+def unbroken(unbroken_training) -> tuple[Run, Path]:
+    """The unbroken run, finished."""
+    return unbroken_training.finish(), unbroken_training.dump_folder
+
+
+@pytest.fixture(scope="module")
+def preempted(request, tmp_path_factory) -> tuple[Run, list[str], Run, int]:
     """A run with no checkpoint but the one a signal asks for, stopped by SIGTERM after
     step 2 (the run, and what it saved), then the same command again, with torchrun
     allowed one restart: one of its processes is killed two steps after it resumed (the
-    rerun, and the last step logged before the kill)."""
+    rerun, and the last step logged before the kill). The unbroken run, when a selected
+    test compares to it, runs beside the first (each waits on start-up part of the time)."""
+    if selected_tests_use(request, "unbroken"):
+        request.getfixturevalue("unbroken_training")
     dump = tmp_path_factory.mktemp("preempted") / "run"
     args = (*ARGS, "--checkpoint.interval", "1000")
     training = Training(dump, *args, nproc=2)
