@@ -5,12 +5,56 @@ torch.utils.cpp_extension) in the middle of a compile, and in a long test sessio
 distutils shim has been seen to fall back to the standard library's distutils there
 (AssertionError: .../python3.11/distutils/core.py). Loaded at start-up, it is in place
 before anything compiles.
+
+The reference trainings that several test files compare to, resume or convert are made here,
+once per session (only when a selected test asks for them).
 """
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import setuptools  # noqa: F401
+
+from tests.launch import REFERENCE, Run, Training, selected_tests_use
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+REFERENCES = {
+    "single": ((*REFERENCE, "--metrics.enable_tensorboard"), 1),
+    "fsdp": ((*REFERENCE, "--parallelism.data_parallel_shard_degree", "2"), 2),
+}
+
+
+@pytest.fixture(scope="session")
+def references(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Training]]:
+    """The reference runs the selected tests use, through ./run_train.sh, started side by
+    side when the first is asked for (each waits on start-up and torchrun part of the time)."""
+    trainings = {
+        name: Training(tmp_path_factory.mktemp(name) / "run", *args, nproc=nproc)
+        for name, (args, nproc) in REFERENCES.items()
+        if selected_tests_use(request, name)
+    }
+    yield trainings
+    for training in trainings.values():
+        training.process.wait(timeout=300)
+
+
+@pytest.fixture(scope="session")
+def single(references: dict[str, Training]) -> tuple[Run, Path]:
+    """The reference run (tests.launch.REFERENCE) of one process, with tensorboard: what
+    layouts, resumes and settings that keep the loss are compared to."""
+    return references["single"].finish(), references["single"].dump_folder
+
+
+@pytest.fixture(scope="session")
+def fsdp(references: dict[str, Training]) -> tuple[Run, Path]:
+    """The reference run with FSDP over two processes (global batch 8): its checkpoints are
+    resumed on other layouts, converted and sampled."""
+    return references["fsdp"].finish(), references["fsdp"].dump_folder

@@ -1,4 +1,6 @@
-"""The one helper multi-process tests use: run ./run_train.sh (torchrun, gloo on the CPU)."""
+"""How tests train: ./run_train.sh (torchrun, gloo on the CPU) for what needs processes, or
+flux.train.main in the test's own process (train_here) where one process shows the same;
+and the arguments of the reference runs tests/conftest.py makes once per session."""
 
 from __future__ import annotations
 
@@ -10,12 +12,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 STEP_LOSS = re.compile(r"(?<!validate )step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
 VALIDATION_LOSS = re.compile(r"validate step:\s+(\d+)\s+loss:\s+([0-9.]+|nan|inf)")
 EMA_VALIDATION_LOSS = re.compile(r"validate step:\s+(\d+)\s+ema loss:\s+([0-9.]+|nan|inf)")
+
+# The reference runs (tests/conftest.py): 4 steps of local batch 4 that keep an average of the
+# weights ([ema]), validate the weights and the average at steps 1, 2 and 4, and save a
+# checkpoint every 2 steps, right after that validation.
+SEED_STEPS = ("--debug.seed", "0", "--training.steps", "4")
+VALIDATE = (
+    *("--validation.enable", "--validation.freq", "2", "--validation.steps", "1"),
+    *("--validation.local_batch_size", "2", "--validation.sampling_steps", "2"),
+)
+CHECKPOINT = ("--checkpoint.enable", "--checkpoint.interval", "2")
+EMA = ("--ema.enable", "--ema.decay", "0.5")  # from step 1, validated beside the weights
+REFERENCE = (*SEED_STEPS, "--training.local_batch_size", "4", *VALIDATE, *CHECKPOINT, *EMA)
 
 
 @dataclass
@@ -50,6 +65,80 @@ def run_train(dump_folder: Path, *args: str, nproc: int | str = 1, timeout: int 
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
+
+
+def selected_tests_use(request: Any, fixture: str) -> bool:
+    """Whether a test of this pytest session (as selected) asks for `fixture`, directly or
+    through another fixture: what a fixture that starts runs side by side checks first."""
+    return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
+
+
+class _NoOtherRanks:
+    """The time module as torchtitan's Trainer sees it, but for the 2 s it sleeps after the
+    last step "for other ranks to complete": a process group of one has none to wait for."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        pass
+
+
+def train_here(dump_folder: Path, *args: str, config_file: Path | None = None) -> Run:
+    """flux.train.main in this process, with the arguments ./run_train.sh gives it (NGPU=1;
+    CONFIG_FILE: config_file or the debug config), but without torchrun: a process group
+    of one, as one process of run_train.sh has. What it logs and prints is the Run's
+    output; its exit status the returncode (0 when main returns). The process's logging,
+    signal handlers, garbage collection and environment, which the trainer takes over, are
+    given back."""
+    import contextlib
+    import gc
+    import io
+    import logging
+    import signal
+    from unittest import mock
+
+    import torch.distributed as dist
+    import torchtitan.train
+
+    from flux.config import DEBUG_CONFIG
+    from flux.resilience import STOP_SIGNALS
+    from flux.train import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    collecting = gc.isenabled()
+    environ = dict(os.environ)
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+    out = io.StringIO()
+    argv = [
+        *("--job.config_file", str(config_file or DEBUG_CONFIG)),
+        *("--job.dump_folder", str(dump_folder), "--metrics.log_freq", "1", *args),
+    ]
+    returncode = 0
+    try:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        with (
+            mock.patch.object(torchtitan.train, "time", _NoOtherRanks()),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(out),
+        ):
+            main(argv)
+    except SystemExit as e:
+        returncode = e.code if isinstance(e.code, int) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        root.handlers[:], root.level = handlers, level
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
+        if collecting:
+            gc.enable()
+        os.environ.clear()
+        os.environ.update(environ)
+    return Run(returncode, ANSI.sub("", out.getvalue()))
 
 
 def average_at(dump_folder: Path, step: int) -> dict:

@@ -1,7 +1,9 @@
 """A run keeps its work: preemption signals, killed processes, half-written or corrupted
 checkpoints, non-finite steps, data that goes missing, a checkpoint of another model.
-Mostly through ./run_train.sh with two processes (FSDP on gloo), against one unbroken run
-of the same 16 steps made once per session; the accounting itself in this process."""
+What needs processes (signals, kills, FSDP's checkpoints) through ./run_train.sh with two
+processes (FSDP on gloo), against one unbroken run of the same 16 steps made once per
+session; refusals and non-finite steps through flux.train.main in this process
+(tests.launch.train_here); the accounting itself in this process."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import shutil
 import signal
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +28,7 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Run, Training, run_train
+from tests.launch import Run, Training, run_train, selected_tests_use, train_here
 from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16
@@ -58,48 +61,80 @@ def saved(dump: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory) -> tuple[Run, Path]:
-    """16 steps on two processes, a checkpoint every 4."""
-    dump = tmp_path_factory.mktemp("unbroken")
-    return run_train(dump, *ARGS, *EVERY_4, nproc=2), dump
+def unbroken_training(tmp_path_factory) -> Iterator[Training]:
+    """16 steps on two processes, a checkpoint every 4: started (see `unbroken`)."""
+    training = Training(tmp_path_factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
+    yield training
+    training.process.wait(timeout=300)
 
 
-@pytest.mark.e2e
-def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_rerun_ends_unbroken(
-    unbroken, tmp_path
-) -> None:
-    dump = tmp_path / "run"
-    args = (*ARGS, "--checkpoint.interval", "1000")  # no checkpoint but the one on SIGTERM
+@pytest.fixture(scope="module")
+def unbroken(unbroken_training) -> tuple[Run, Path]:
+    """The unbroken run, finished."""
+    return unbroken_training.finish(), unbroken_training.dump_folder
+
+
+@pytest.fixture(scope="module")
+def preempted(request, tmp_path_factory) -> tuple[Run, list[str], Run, int]:
+    """A run with no checkpoint but the one a signal asks for, stopped by SIGTERM after
+    step 2 (the run, and what it saved), then the same command again, with torchrun
+    allowed one restart: one of its processes is killed two steps after it resumed (the
+    rerun, and the last step logged before the kill). The unbroken run, when a selected
+    test compares to it, runs beside the first (each waits on start-up part of the time)."""
+    if selected_tests_use(request, "unbroken"):
+        request.getfixturevalue("unbroken_training")
+    dump = tmp_path_factory.mktemp("preempted") / "run"
+    args = (*ARGS, "--checkpoint.interval", "1000")
     training = Training(dump, *args, nproc=2)
     training.wait_until(lambda: "step:  2 " in training.output)
     training.process.send_signal(signal.SIGTERM)  # to run_train.sh, as a scheduler would
     stopped = training.finish()
+    kept = saved(dump)
+    if stopped.returncode != 75 or not stopped.losses:
+        return stopped, kept, stopped, -1  # the tests say what went wrong
+    resume_at = max(stopped.losses) + 1
+    rerun = Training(dump, *args, nproc=2, env={"MAX_RESTARTS": "1"})
+    rerun.wait_until(lambda: 1 in rerun.worker_pids())
+    rank_1 = rerun.worker_pids()[1]
+    rerun.wait_until(lambda: max(Run(0, rerun.output).losses, default=0) >= resume_at + 1)
+    os.kill(rank_1, signal.SIGKILL)
+    killed_at = max(Run(0, rerun.output).losses)  # the kill came after this step at the latest
+    return stopped, kept, rerun.finish(), killed_at
+
+
+@pytest.mark.e2e
+def test_sigterm_stops_after_the_step_with_a_checkpoint(preempted) -> None:
+    stopped, kept, _, _ = preempted
     assert stopped.returncode == 75, stopped.output[-3000:]
     last = max(stopped.losses)
     assert 2 <= last < STEPS
-    assert saved(dump) == [f"step-{last}"]
+    assert kept == [f"step-{last}"]
     assert f"preempted after step {last}" in stopped.output
     assert "run the same command again" in stopped.output
 
-    resumed = run_train(dump, *args, nproc=2)
-    assert min(resumed.losses) == last + 1
-    assert final_loss(resumed) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+
+@pytest.mark.e2e
+def test_the_rerun_after_sigterm_resumes_at_the_next_step_and_ends_unbroken(
+    preempted, unbroken
+) -> None:
+    stopped, _, rerun, _ = preempted
+    assert stopped.returncode == 75, stopped.output[-3000:]
+    assert min(rerun.losses) == max(stopped.losses) + 1
+    assert final_loss(rerun) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
 @pytest.mark.e2e
 def test_a_killed_process_restarts_from_the_last_checkpoint_and_ends_unbroken(
-    unbroken, tmp_path
+    preempted, unbroken
 ) -> None:
-    dump = tmp_path / "run"
-    training = Training(dump, *ARGS, *EVERY_4, nproc=2, env={"MAX_RESTARTS": "1"})
-    training.wait_until(lambda: (dump / "checkpoint" / "step-4" / ".metadata").is_file())
-    training.wait_until(lambda: 1 in training.worker_pids())
-    killed_at = max(Run(0, training.output).losses)
-    os.kill(training.worker_pids()[1], signal.SIGKILL)
-    run = training.finish()
-    assert "exitcode: -9" in run.output, run.output[-3000:]  # torchrun saw the kill
+    """The rerun above: torchrun restarts its processes after one is killed, and they
+    resume from the newest checkpoint (the one SIGTERM left)."""
+    stopped, _, rerun, killed_at = preempted
+    assert stopped.returncode == 75, stopped.output[-3000:]
+    assert "exitcode: -9" in rerun.output, rerun.output[-3000:]  # torchrun saw the kill
     assert killed_at < STEPS, "the run ended before the kill"
-    assert final_loss(run) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
+    assert rerun.output.count(f"Training starts at step {max(stopped.losses) + 1}") == 2
+    assert final_loss(rerun) == pytest.approx(final_loss(unbroken[0]), rel=1e-5)
 
 
 @pytest.mark.e2e
@@ -137,7 +172,7 @@ def test_an_explicit_load_of_a_half_written_checkpoint_is_refused_in_one_line(
     dump = tmp_path / "run"
     shutil.copytree(unbroken[1] / "checkpoint" / "step-4", dump / "checkpoint" / "step-4")
     (dump / "checkpoint" / "step-4" / ".metadata").unlink()
-    run = run_train(dump, *ARGS, "--checkpoint.load_step", "4")
+    run = train_here(dump, *ARGS, "--checkpoint.load_step", "4")
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
     assert "step-4 is incomplete (no .metadata" in lines[0]
@@ -156,7 +191,7 @@ def diverged(tmp_path_factory) -> tuple[Run, Path, Path]:
         *("--optimizer.lr", "1e30", "--checkpoint.interval", "1"),
         *("--training.dataset", "imagefolder", "--training.dataset_path", str(folder)),
     )
-    return run_train(dump, *args), dump, folder
+    return train_here(dump, *args), dump, folder
 
 
 @pytest.mark.e2e
@@ -227,7 +262,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path) -> None:
 
     wider = dataclasses.replace(flux_configs["flux-debug"], hidden_size=128, num_heads=8)
     save_dcp(FluxModel(wider).state_dict(), tmp_path / "checkpoint" / "step-2")
-    run = run_train(tmp_path, *ARGS)
+    run = train_here(tmp_path, *ARGS)
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert run.returncode != 0 and len(lines) == 1, run.output[-3000:]
     assert "was written by another model" in lines[0] and "model.flavor" in lines[0]
@@ -262,7 +297,7 @@ def test_a_non_finite_step_changes_no_weight_nor_the_average_and_training_goes_o
         *("--validation.freq", "1", "--validation.steps", "1", "--validation.sampling_steps", "1"),
         *("--ema.enable", "--ema.decay", "0.5"),
     )
-    run = run_train(tmp_path / "run", *args)
+    run = train_here(tmp_path / "run", *args)
     assert run.returncode == 0, run.output[-3000:]
     assert "step 3: loss nan / gradient norm nan not finite" in run.output
     assert "1 step not applied (loss or gradients not finite): 3" in run.output

@@ -1,9 +1,11 @@
-"""The trainer end to end, through ./run_train.sh (torchrun; gloo on the CPU).
+"""The trainer end to end: through ./run_train.sh (torchrun; gloo on the CPU) where
+processes matter, and flux.train.main in this process (tests.launch.train_here) where one
+process shows the same.
 
-Two reference runs of 4 steps are made once per session: one process (local batch 4), and
-FSDP over two processes (local batch 4, global 8). Both keep an average of the weights
-([ema]), validate the weights and the average at steps 1, 2 and 4, and save a checkpoint
-at step 2, right after that validation. Other runs are compared to them.
+Two reference runs of 4 steps are made once per session (tests/conftest.py): one process
+(local batch 4), and FSDP over two processes (local batch 4, global 8). Both keep an average
+of the weights ([ema]), validate the weights and the average at steps 1, 2 and 4, and save a
+checkpoint at step 2, right after that validation. Other runs are compared to them.
 """
 
 from __future__ import annotations
@@ -19,24 +21,11 @@ from PIL import Image
 
 from flux.generate import grid_tiles
 from tests.caches import make_cache
-from tests.launch import Run, average_at, run_train
+from tests.launch import CHECKPOINT, EMA, SEED_STEPS, Run, average_at, run_train, train_here
 
 pytestmark = pytest.mark.e2e
 
-COMMON = ("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size")
-VALIDATE = (
-    "--validation.enable",
-    "--validation.freq",
-    "2",
-    "--validation.steps",
-    "1",
-    "--validation.local_batch_size",
-    "2",
-    "--validation.sampling_steps",
-    "2",
-)
-CHECKPOINT = ("--checkpoint.enable", "--checkpoint.interval", "2")
-EMA = ("--ema.enable", "--ema.decay", "0.5")  # from step 1, validated beside the weights
+COMMON = (*SEED_STEPS, "--training.local_batch_size")
 
 
 def assert_same_losses(run: Run, reference: Run, steps: list[int], rel: float = 1e-5) -> None:
@@ -50,20 +39,6 @@ def checkpoint_at(reference: Path, step: int, dump: Path) -> None:
     """A dump folder holding only the reference's checkpoint of `step`."""
     (dump / "checkpoint").mkdir(parents=True)
     shutil.copytree(reference / "checkpoint" / f"step-{step}", dump / "checkpoint" / f"step-{step}")
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[Run, Path]:
-    dump = tmp_path_factory.mktemp("single")
-    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, *EMA, "--metrics.enable_tensorboard")
-    return run_train(dump, *args), dump
-
-
-@pytest.fixture(scope="module")
-def fsdp(tmp_path_factory) -> tuple[Run, Path]:
-    dump = tmp_path_factory.mktemp("fsdp")
-    args = (*COMMON, "4", *VALIDATE, *CHECKPOINT, *EMA)
-    return run_train(dump, *args, "--parallelism.data_parallel_shard_degree", "2", nproc=2), dump
 
 
 def assert_close_averages(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -134,7 +109,7 @@ def test_the_average_is_validated_beside_the_weights(single) -> None:
 def test_resumed_run_ends_with_the_same_losses_and_average(single, tmp_path) -> None:
     reference, dump = single
     checkpoint_at(dump, 2, tmp_path)
-    run = run_train(tmp_path, *COMMON, "4", *CHECKPOINT, *EMA)
+    run = train_here(tmp_path, *COMMON, "4", *CHECKPOINT, *EMA)
     assert "Training starts at step 3" in run.output
     assert sorted(run.losses) == [3, 4]
     assert_same_losses(run, reference, [3, 4])
@@ -144,13 +119,13 @@ def test_resumed_run_ends_with_the_same_losses_and_average(single, tmp_path) -> 
 
 def test_activation_checkpointing_leaves_the_loss_unchanged(single, tmp_path) -> None:
     reference, _ = single
-    run = run_train(tmp_path, *COMMON, "4", "--activation_checkpoint.mode", "full")
+    run = train_here(tmp_path, *COMMON, "4", "--activation_checkpoint.mode", "full")
     assert_same_losses(run, reference, [1, 2, 3, 4])
 
 
 def test_gradient_accumulation_2x2_equals_batch_4(single, tmp_path) -> None:
     reference, _ = single
-    run = run_train(tmp_path, *COMMON, "2", "--training.global_batch_size", "4")
+    run = train_here(tmp_path, *COMMON, "2", "--training.global_batch_size", "4")
     assert "gradient accumulation steps 2" in run.output
     assert_same_losses(run, reference, [1, 2, 3, 4])
 
@@ -170,7 +145,7 @@ def test_two_process_checkpoint_resumes_on_one_process(fsdp, tmp_path) -> None:
     checkpoint_at(dump, 2, tmp_path)
     # the same global batch of 8: one process, two micro-batches of 4
     args = (*COMMON, "4", "--training.global_batch_size", "8", *CHECKPOINT, *EMA)
-    run = run_train(tmp_path, *args)
+    run = train_here(tmp_path, *args)
     assert "Training starts at step 3" in run.output
     assert_same_losses(run, reference, [3, 4], rel=1e-4)
     assert_close_averages(average_at(tmp_path, 4), average_at(dump, 4))
@@ -204,7 +179,7 @@ def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
     from flux.weights import save_dcp
 
     save_dcp(FluxModel(flux_configs["flux-debug"]).state_dict(), tmp_path / "checkpoint" / "step-2")
-    run = run_train(tmp_path, "--training.steps", "4", *CHECKPOINT)
+    run = train_here(tmp_path, "--training.steps", "4", *CHECKPOINT)
     assert run.returncode != 0
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert len(lines) == 1 and "holds the model only" in lines[0], run.output[-2000:]
@@ -238,10 +213,12 @@ def test_a_float8_checkpoint_resumes_without_float8(tmp_path) -> None:
     first = run_train(tmp_path / "float8", *args, *FLOAT8, nproc=2)
     assert first.returncode == 0, first.output[-3000:]
     assert "Swapped to Float8Linear" in first.output
+    # FSDP over two processes: what turns the float8 all-gather on
+    assert "enable_fsdp_float8_all_gather=True" in first.output
     dump = tmp_path / "float32"
     shutil.copytree(tmp_path / "float8" / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
     later = ("--training.steps", "3", "--checkpoint.interval", "1")
-    second = run_train(dump, *args, *later)
+    second = train_here(dump, *args, *later)
     assert second.returncode == 0, second.output[-3000:]
     assert "Training starts at step 3" in second.output and "Float8" not in second.output
     assert math.isfinite(second.losses[3])
@@ -263,9 +240,9 @@ def colour_shares(image: Image.Image) -> tuple[float, float]:
 @pytest.mark.slow
 def test_debug_model_learns_shapes_and_their_colours(tmp_path) -> None:
     """The learning check: the debug model, trained on shapes on the CPU for a few hundred
-    steps through ./run_train.sh, lowers its validation loss clearly and samples red shapes
-    for "a red ..." prompts (and not for the others). It trains on a precomputed cache of
-    LEARNING_SAMPLES shapes (encoded once: the step then costs the transformer alone) and
+    steps (flux.train.main, in this process), lowers its validation loss clearly and samples
+    red shapes for "a red ..." prompts (and not for the others). It trains on a precomputed
+    cache of LEARNING_SAMPLES shapes (encoded once: the step then costs the transformer alone) and
     validates on held-out shapes encoded online.
 
     Measured (2-core CPU, online data, before the cache): validation loss 1.98 at step 1 ->
@@ -273,13 +250,12 @@ def test_debug_model_learns_shapes_and_their_colours(tmp_path) -> None:
     prompts and <= 0.06 for the blue and green ones (step 400-600). Shapes and positions
     need longer; colour comes first."""
     cache = make_cache(tmp_path / "cache", LEARNING_SAMPLES)
-    run = run_train(
+    run = train_here(
         tmp_path,
         *("--training.dataset", "precomputed", "--training.dataset_path", str(cache)),
         *("--training.steps", str(LEARNING_STEPS), "--validation.freq", str(LEARNING_STEPS)),
         *("--metrics.log_freq", "50", "--debug.seed", "0", "--training.local_batch_size", "32"),
         *("--optimizer.lr", "2e-3", "--lr_scheduler.warmup_steps", "20"),
-        timeout=1200,
     )
     assert run.returncode == 0, run.output[-3000:]
     first, last = run.validation_losses[1], run.validation_losses[LEARNING_STEPS]
@@ -299,11 +275,11 @@ def test_asynchronous_checkpoints_resume_with_the_same_losses(single, tmp_path) 
     """checkpoint.async_mode = "async", as the full-size configs save: DCP writes in the
     background, and the checkpoint resumes as a synchronous one does."""
     reference, _ = single
-    run = run_train(
+    run = train_here(
         tmp_path / "async", *COMMON, "4", *CHECKPOINT, "--checkpoint.async_mode", "async"
     )
     assert_same_losses(run, reference, [1, 2, 3, 4])
     checkpoint_at(tmp_path / "async", 2, tmp_path / "resumed")
-    resumed = run_train(tmp_path / "resumed", *COMMON, "4", *CHECKPOINT)
+    resumed = train_here(tmp_path / "resumed", *COMMON, "4", *CHECKPOINT)
     assert "Training starts at step 3" in resumed.output
     assert_same_losses(resumed, reference, [3, 4])

@@ -9,46 +9,51 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from tests.launch import ROOT, average_at, run_train
+from tests.launch import REFERENCE, ROOT, Training, average_at, run_train
+from tests.parallel.tp_worker import LAYOUTS
 
 pytestmark = pytest.mark.e2e
 
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
 
-def worker(tmp_path: Path, nproc: int, *args: str) -> dict:
-    out = tmp_path / "out.json"
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-        *("-m", "tests.parallel.tp_worker", str(out), str(tmp_path), *args),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """What tests.parallel.tp_worker reports of a layout: the layouts of as many processes
+    are checked by one torchrun launch, made when the first of them is asked for."""
+    results: dict[str, dict] = {}
 
+    def of(layout: str) -> dict:
+        if layout not in results:
+            nproc = LAYOUTS[layout].processes
+            names = [name for name, other in LAYOUTS.items() if other.processes == nproc]
+            folder = tmp_path_factory.mktemp(f"{nproc}-processes")
+            out = folder / "out.json"
+            command = [
+                *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+                *("-m", "tests.parallel.tp_worker", str(out), str(folder), *names),
+            ]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            done = subprocess.run(
+                command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            results.update(json.loads(out.read_text()))
+        return results[layout]
 
-LAYOUTS = {
-    "tp2": (2, ("--tp", "2")),
-    "tp2-fsdp2": (4, ("--tp", "2")),
-    "cp2": (2, ("--cp", "2")),
-    # FSDP over cp too; op-level checkpointing keeps the collectives' outputs
-    "cp2-tp2-compiled-op-ac": (4, ("--cp", "2", "--tp", "2", "--compile", "--op-ac")),
-    "tp2-float8": (2, ("--tp", "2", "--float8")),  # against one process's float8 model
-}
+    return of
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
-    tmp_path, layout: str
+    checked, layout: str
 ) -> None:
-    nproc, args = LAYOUTS[layout]
-    result = worker(tmp_path, nproc, *args)
+    result = checked(layout)
     tp = 2 if "tp2" in layout else 1
     assert result["linear1_local_rows"] == (3 * 64 + 256) // tp  # each TP rank holds 1/tp
     fp32 = not layout.endswith("float8")
@@ -72,44 +77,45 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["ema_saved"] <= 1e-7 and result["ema_saved_updates"]
     assert result["ema_loaded"] == 0.0 and result["ema_loaded_updates"]
     # T5/CLIP: each rank holds its FSDP share, encodes its share of its group's captions
-    fsdp = nproc // tp
+    fsdp = LAYOUTS[layout].processes // tp
     assert result["text_encoder_shard"] == pytest.approx(1 / fsdp, rel=0.05)
     assert result["text_encoders"] <= 1e-5
 
 
-ARGS = (
-    *("--debug.seed", "0", "--training.steps", "4", "--training.local_batch_size", "4"),
-    *("--validation.freq", "2", "--validation.steps", "1", "--validation.sampling_steps", "2"),
-    *("--checkpoint.enable", "--checkpoint.interval", "2"),
-    *("--ema.enable", "--ema.decay", "0.5"),  # an average of the weights, validated too
-)
 TP2 = ("--parallelism.tensor_parallel_degree", "2")
+CP2 = ("--parallelism.context_parallel_degree", "2")
 
 
-def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(tmp_path) -> None:
-    single = run_train(tmp_path / "single", *ARGS)
-    tp = run_train(tmp_path / "tp", *ARGS, *TP2, nproc=2)
-    cp = run_train(tmp_path / "cp", *ARGS, "--parallelism.context_parallel_degree", "2", nproc=2)
-    for run in (single, tp, cp):
+def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(
+    single, tmp_path
+) -> None:
+    """The reference run of one process (tests/conftest.py) against the same run with its
+    heads split over two processes (TP) and with its tokens split (CP)."""
+    reference, _ = single
+    # side by side: each spends part of its time waiting (start-up, torchrun, gloo)
+    tp_training = Training(tmp_path / "tp", *REFERENCE, *TP2, nproc=2)
+    cp_training = Training(tmp_path / "cp", *REFERENCE, *CP2, nproc=2)
+    tp, cp = tp_training.finish(), cp_training.finish()
+    for run in (reference, tp, cp):
         assert run.returncode == 0, run.output[-3000:]
         assert sorted(run.losses) == [1, 2, 3, 4]
-        assert run.losses == pytest.approx(single.losses, rel=1e-5)
-        assert run.validation_losses == pytest.approx(single.validation_losses, rel=1e-4)
-        assert run.ema_validation_losses == pytest.approx(single.ema_validation_losses, rel=1e-4)
+        assert run.losses == pytest.approx(reference.losses, rel=1e-5)
+        assert run.validation_losses == pytest.approx(reference.validation_losses, rel=1e-4)
+        assert run.ema_validation_losses == pytest.approx(reference.ema_validation_losses, rel=1e-4)
         assert sorted(run.ema_validation_losses) == [1, 2, 4]
 
     # The TP run's step-2 checkpoint, resumed with FSDP over 2 processes (the same global
     # batch: each takes 2 of its 4 samples).
     dump = tmp_path / "fsdp"
     shutil.copytree(tmp_path / "tp" / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
-    fsdp = run_train(dump, *ARGS, "--training.local_batch_size", "2", nproc=2)
+    fsdp = run_train(dump, *REFERENCE, "--training.local_batch_size", "2", nproc=2)
     assert fsdp.returncode == 0, fsdp.output[-3000:]
     assert "Training starts at step 3" in fsdp.output
     assert {s: fsdp.losses[s] for s in (3, 4)} == pytest.approx(
         {s: tp.losses[s] for s in (3, 4)}, rel=1e-5
     )
     # the average, saved from TP's strided shards, resumed under FSDP
-    averages = [average_at(tmp_path / name, 4) for name in ("single", "tp", "fsdp")]
+    averages = [average_at(path, 4) for path in (single[1], tmp_path / "tp", dump)]
     for average in averages[1:]:
         for name, value in averages[0].items():
             torch.testing.assert_close(average[name], value, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,27 +1,28 @@
-"""One rank of a tensor-parallel check, run by tests/parallel/test_tensor_parallel.py under
+"""Ranks of the tensor-parallel checks, run by tests/parallel/test_tensor_parallel.py under
 torchrun:
 
-    torchrun --nproc_per_node N -m tests.parallel.tp_worker OUT.json CHECKPOINT_DIR --tp T [--cp C]
-        [--compile] [--op-ac]
+    torchrun --nproc_per_node N -m tests.parallel.tp_worker OUT.json FOLDER LAYOUT [LAYOUT ...]
 
-The debug model parallelized with TP and CP (and FSDP over the other N / TP ranks, the
-context-parallel ones included, as torchtitan's fsdp mesh does), against the same model
+For each LAYOUT (a name in LAYOUTS, all of N processes, one after the other in this process
+group): the debug model parallelized with TP and CP (and FSDP over the other N / TP ranks,
+the context-parallel ones included, as torchtitan's fsdp mesh does), against the same model
 on one process in this one: loss and gradients on the same batch (each data-parallel
 rank takes its share of the samples, each context-parallel rank its share of every
 sample's tokens), then checkpoints both ways through torchtitan's
 ModelWrapper and DCP; and the average of the weights (flux.ema) each rank keeps of its
 shards, its swap into the model and its checkpoints both ways. With `compile`, every
 block is compiled (aot_eager: no C++ compiler needed) between TP and FSDP, as
-parallelize_flux does, and with `op-ac` checkpointed op by op before that. Last, the frozen
-text encoders spread as the trainer spreads them. Rank 0 writes the largest differences to
-OUT.json.
+parallelize_flux does, and with `op_ac` checkpointed op by op before that. Last, the frozen
+text encoders spread as the trainer spreads them. Rank 0 writes the largest differences of
+each layout to OUT.json ({layout: {check: difference}}).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +54,26 @@ from flux.sampling import image_ids, text_ids
 from flux.train_spec import FluxTrainModel, encoder_settings
 
 BATCH, IMG_TOKENS, TXT_TOKENS = 4, 16, 8
+
+
+@dataclass(frozen=True)
+class Layout:
+    processes: int
+    tp: int = 1
+    cp: int = 1
+    compile: bool = False
+    op_ac: bool = False  # op-level selective activation checkpointing
+    float8: bool = False  # torchtitan's converter, emulated
+
+
+LAYOUTS = {
+    "tp2": Layout(2, tp=2),
+    "tp2-fsdp2": Layout(4, tp=2),
+    "cp2": Layout(2, cp=2),
+    # FSDP over cp too; op-level checkpointing keeps the collectives' outputs
+    "cp2-tp2-compiled-op-ac": Layout(4, cp=2, tp=2, compile=True, op_ac=True),
+    "tp2-float8": Layout(2, tp=2, float8=True),  # against one process's float8 model
+}
 SCHNELL = str(PACKAGE_ROOT / "flux" / "train_configs" / "flux_schnell_model.toml")
 FLOAT8 = ("--model.converters", "quantize.linear.float8", "--quantize.linear.float8.emulate")
 
@@ -173,19 +194,11 @@ def ema_checks(
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--cp", type=int, default=1)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--op-ac", action="store_true", help="op-level selective checkpointing")
-    parser.add_argument("--float8", action="store_true", help="torchtitan's converter, emulated")
-    args = parser.parse_args()
-    out, folder, tp, cp = args.out, args.folder, args.tp, args.cp
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
+def check(layout: Layout, folder: Path) -> dict:
+    """Every check of one layout, on this process group; the differences rank 0 reports."""
+    tp, cp = layout.tp, layout.cp
+    world = dist.get_world_size()
+    assert world == layout.processes
     fsdp = world // tp  # data-parallel × context-parallel ranks
     dp = fsdp // cp
     assert cp == 1 or dp == 1, "context parallelism is checked without data parallelism"
@@ -196,16 +209,16 @@ def main() -> None:
             apply_tensor_parallel(model, mesh["tp"])
         if cp > 1:
             apply_context_parallel(model, mesh["fsdp"])
-        if args.op_ac:
+        if layout.op_ac:
             apply_activation_checkpointing(model, "selective", "op")
-        if args.compile:
+        if layout.compile:
             apply_compile(model, "aot_eager")
         if fsdp > 1:
             apply_fsdp(model, mesh["fsdp"], torch.float32, torch.float32, False, True)
 
     reference, batch = model_and_batch()
     float32 = copy.deepcopy(reference)
-    if args.float8:
+    if layout.float8:
         converted(reference)  # the parallel copy is of the float8 model
     parallel = copy.deepcopy(reference)
     parallelize(parallel)
@@ -286,9 +299,7 @@ def main() -> None:
 
     result |= ema_checks(parallel, reference, local, batch, folder)
     result |= text_encoders(mesh, tp, cp)
-    if rank == 0:
-        out.write_text(json.dumps(result))
-    dist.destroy_process_group()
+    return result
 
 
 def text_encoders(mesh, tp: int, cp: int) -> dict[str, float]:
@@ -316,6 +327,15 @@ def text_encoders(mesh, tp: int, cp: int) -> dict[str, float]:
     worst = torch.stack(differences).max()
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return {"text_encoders": worst.item(), "text_encoder_shard": max(fractions)}
+
+
+def main() -> None:
+    out, folder, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    dist.init_process_group("gloo")
+    results = {name: check(LAYOUTS[name], folder / name) for name in names}
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(results))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Inference and weight conversion on a checkpoint the trainer wrote with 2 processes
-(keeping an average of the weights, [ema])."""
+(keeping an average of the weights, [ema]): the session's reference run (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.scripts import convert, infer
 from flux.weights import save_safetensors
-from tests.launch import run_train
+from tests.launch import train_here
 from tests.model.helpers import model_inputs, randomize
 from tests.oracle import diffusers_config, diffusers_forward, diffusers_transformer
 
@@ -26,30 +26,19 @@ RED = "a large red circle at the center on a white background"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    dump = tmp_path_factory.mktemp("train")
-    run = run_train(
-        dump,
-        "--training.steps",
-        "2",
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        "1",
-        "--parallelism.data_parallel_shard_degree",
-        "2",
-        "--ema.enable",
-        nproc=2,
-    )
+def checkpoint(fsdp) -> Path:
+    """A full checkpoint (optimizer and all) of the two-process reference run
+    (tests/conftest.py), after its steps 1 and 2: its average is of the two."""
+    run, dump = fsdp
     assert run.returncode == 0, run.output[-3000:]
-    return dump / "checkpoint" / "step-1"  # a full checkpoint (optimizer and all)
+    return dump / "checkpoint" / "step-2"
 
 
 @pytest.mark.e2e
 def test_the_average_exports_and_round_trips_bit_exact(checkpoint, tmp_path) -> None:
-    step_2 = checkpoint.parent / "step-2"  # the average of steps 1 and 2
     average, raw = tmp_path / "ema.safetensors", tmp_path / "raw.safetensors"
-    convert.main(["to-flux", str(step_2), str(average), "--dtype", "float32", "--ema"])
-    convert.main(["to-flux", str(step_2), str(raw), "--dtype", "float32"])
+    convert.main(["to-flux", str(checkpoint), str(average), "--dtype", "float32", "--ema"])
+    convert.main(["to-flux", str(checkpoint), str(raw), "--dtype", "float32"])
     convert.main(["from-flux", str(average), str(tmp_path / "imported")])
     again = tmp_path / "again.safetensors"
     convert.main(["to-flux", str(tmp_path / "imported"), str(again), "--dtype", "float32"])
@@ -105,7 +94,7 @@ def test_imported_file_starts_a_training_run(tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     convert.main(["from-flux", str(weights), str(tmp_path / "init")])
     dump = tmp_path / "run"
-    run = run_train(
+    run = train_here(
         dump,
         "--training.steps",
         "1",
@@ -161,8 +150,7 @@ def test_inference_from_a_safetensors_file(checkpoint, tmp_path) -> None:
 
 @pytest.mark.e2e
 def test_inference_samples_the_average_or_the_weights_as_asked(checkpoint, tmp_path) -> None:
-    step_2 = str(checkpoint.parent / "step-2")
-    common = ["--checkpoint", step_2, "--steps", "3", "--prompts", RED]
+    common = ["--checkpoint", str(checkpoint), "--steps", "3", "--prompts", RED]
     infer.main([*common, "--out", str(tmp_path / "default")])
     infer.main([*common, "--no-ema", "--out", str(tmp_path / "raw")])
     pngs = {w: Image.open(tmp_path / w / "00000_0.png") for w in ("default", "raw")}

@@ -18,7 +18,7 @@ from flux.data.precomputed import shard_metadata
 from flux.data.shapes import shape_spec
 from tests.caches import make_cache
 from tests.data.tars import make_shards, record, write_tar
-from tests.launch import ROOT, run_train
+from tests.launch import ROOT, train_here
 
 
 def cached_keys(root: Path) -> list[str]:
@@ -185,7 +185,7 @@ def trained(tmp_path_factory):
     )
     dump = tmp_path_factory.mktemp("run")
     args = (*TRAIN, *VALIDATE, *CHECKPOINT, *on_cache)
-    return run_train(dump, *args), dump, args
+    return train_here(dump, *args), dump, args
 
 
 @pytest.mark.e2e
@@ -205,7 +205,7 @@ def test_training_on_a_cache_resumes_with_the_same_losses(trained, tmp_path) -> 
     assert reference.returncode == 0, reference.output[-3000:]
     (tmp_path / "checkpoint").mkdir()
     shutil.copytree(dump / "checkpoint" / "step-2", tmp_path / "checkpoint" / "step-2")
-    run = run_train(tmp_path, *args)
+    run = train_here(tmp_path, *args)
     assert run.returncode == 0, run.output[-3000:]
     assert "Training starts at step 3" in run.output
     assert {s: run.losses[s] for s in (3, 4)} == pytest.approx(
