@@ -32,7 +32,6 @@ misses one, where these modules' collectives are explicit and each is traced by 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -172,16 +171,37 @@ FORWARDS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _parallel_class(cls: type, kind: str) -> type:
+    """The module's class with the forward of `kind`, which reads the module's
+    `tensor_parallel` split: one class per (class, kind). torch.compile then traces the same
+    forward in every block, so blocks of one type share a graph; a forward set on each
+    module would be guarded by its id, a recompile per block, and FLUX.1's 57 blocks are
+    past torch's limit of 8 (with fullgraph, an error)."""
+    if (cls, kind) not in _CLASSES:
+        compute = FORWARDS[kind]
+
+        def forward(self: nn.Module, x: Tensor) -> Tensor:
+            return compute(self, self.tensor_parallel, x)
+
+        name = f"{kind.capitalize()}Parallel{cls.__name__}"
+        _CLASSES[cls, kind] = type(name, (cls,), {"forward": forward, "__module__": __name__})
+    return _CLASSES[cls, kind]
+
+
 def _parallelize(module: nn.Module, mesh: DeviceMesh, kind: str, pieces: int = 1) -> None:
     """Distribute the parameters of one module (a Linear, or an RMSNorm for 'norm') and
-    give it the forward of its kind."""
+    give it the forward of its kind (its class becomes a subclass with that forward)."""
     if kind in ("column", "row"):
         _distribute(module, "weight", mesh, _split(0 if kind == "column" else 1, pieces))
     for name, param in list(module.named_parameters(recurse=False)):
         if not isinstance(param, DTensor):
             _distribute(module, name, mesh, Replicate())
     split = _Split(mesh.get_group(), mesh.get_local_rank(), mesh.size(), pieces)
-    module.forward = functools.partial(FORWARDS[kind], module, split)  # type: ignore[method-assign]
+    module.tensor_parallel = split  # type: ignore[assignment]
+    module.__class__ = _parallel_class(type(module), kind)
     if pieces > 1:
         module.register_load_state_dict_pre_hook(_load_strided)
 

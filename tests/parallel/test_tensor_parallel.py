@@ -1,23 +1,30 @@
 """Tensor and context parallelism: the same loss and gradients as one process, alone, with
-each other and with FSDP, and checkpoints that move between TP, FSDP and one process.
-CPU processes on gloo."""
+each other and with FSDP, and checkpoints that move between TP, FSDP and one process
+(CPU processes on gloo); and compiled TP blocks that share one graph per block type."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
+from flux.model.args import flux_configs
+from flux.model.model import FluxModel
+from flux.parallel.parallelize import apply_compile
+from flux.parallel.tensor_parallel import apply_tensor_parallel
 from tests.launch import REFERENCE, ROOT, Training, average_at, run_train
+from tests.model.helpers import model_inputs, randomize
 from tests.parallel.tp_worker import LAYOUTS
-
-pytestmark = pytest.mark.e2e
 
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
@@ -49,6 +56,45 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
     return of
 
 
+@pytest.fixture
+def group_of_one() -> Iterator[None]:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_tensor_parallel_blocks_share_one_graph_per_block_type(group_of_one) -> None:
+    """FLUX.1 has 57 blocks, torch recompiles a frame at most 8 times (with fullgraph, the
+    ninth is an error): the split modules' forwards must not differ from block to block.
+    12 blocks here, on a mesh of one; the modules stay what they were, their names too."""
+    args = dataclasses.replace(flux_configs["flux-debug"], depth=2, depth_single_blocks=10)
+    torch.manual_seed(0)
+    model = FluxModel(args)
+    randomize(model)
+    names = list(model.state_dict())
+    inputs = model_inputs(args)
+    eager = model(**inputs)
+    apply_tensor_parallel(model, init_device_mesh("cpu", (1,)))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    apply_compile(model, backend=backend)  # type: ignore[arg-type]
+    out = model(**inputs)
+    out.square().mean().backward()
+    assert len(graphs) == 2  # one double-stream, one single-stream
+    torch.testing.assert_close(out, eager)
+    block = model.single_blocks[5]._orig_mod
+    assert isinstance(block.linear1, nn.Linear) and isinstance(block.linear2, nn.Linear)
+    assert [n.replace("._orig_mod", "") for n in model.state_dict()] == names
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     checked, layout: str
@@ -86,6 +132,7 @@ TP2 = ("--parallelism.tensor_parallel_degree", "2")
 CP2 = ("--parallelism.context_parallel_degree", "2")
 
 
+@pytest.mark.e2e
 def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(
     single, tmp_path
 ) -> None:
