@@ -61,13 +61,6 @@ def slurm_train(tmp_path: Path, *args: str) -> Run:
     return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
 
 
-def test_slurm_script_trains_with_fsdp_over_the_node(tmp_path) -> None:
-    run = slurm_train(tmp_path, "--training.steps", "2", "--metrics.log_freq", "1")
-    assert run.returncode == 0, run.output[-3000:]
-    assert "dp_shard=2" in run.output
-    assert sorted(run.losses) == [1, 2]
-
-
 def test_slurm_script_refuses_a_bad_config_before_launching(tmp_path) -> None:
     run = slurm_train(tmp_path, "--parallelism.data_parallel_shard_degree", "3")
     assert run.returncode == 2
@@ -75,19 +68,35 @@ def test_slurm_script_refuses_a_bad_config_before_launching(tmp_path) -> None:
     assert "ChildFailedError" not in run.output  # refused before torchrun started
 
 
-def test_slurm_signal_checkpoints_and_requeues_the_job(tmp_path) -> None:
-    """`#SBATCH --signal=USR1@300`: SLURM signals the processes of the job step (torchrun
-    and the trainers), not the batch shell; the shell then requeues the job."""
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> tuple[Run, Path]:
+    """A job of 40 steps on one node of 2 CPU ranks, told to stop after step 2 as
+    `#SBATCH --signal=USR1@300` tells it: SLURM signals the processes of the job step
+    (torchrun and the trainers), not the batch shell; the shell then requeues the job.
+    The same job shows the script training: one launch for both tests."""
+    tmp_path = tmp_path_factory.mktemp("slurm")
     dump = tmp_path / "run"
     args = ("--training.steps", "40", "--checkpoint.enable", "--checkpoint.interval", "1000")
     training = Training(dump, *args, env=slurm_env(tmp_path), script=SCRIPT)
     training.wait_until(lambda: len(training.worker_pids()) == 3 and "step:  2 " in training.output)
     for pid in training.worker_pids().values():
         os.kill(pid, signal.SIGUSR1)
-    run = training.finish()
+    return training.finish(), tmp_path
+
+
+def test_slurm_script_trains_with_fsdp_over_the_node(signalled) -> None:
+    run, _ = signalled
+    assert run.returncode == 0, run.output[-3000:]
+    assert "dp_shard=2" in run.output
+    assert sorted(run.losses) == list(range(1, max(run.losses) + 1))
+
+
+def test_slurm_signal_checkpoints_and_requeues_the_job(signalled) -> None:
+    run, tmp_path = signalled
     assert run.returncode == 0, run.output[-3000:]
     last = max(run.losses)
-    assert last < 40
+    assert 2 <= last < 40
     assert f"preempted after step {last}; checkpoint" in run.output
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == [f"step-{last}"]
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir())
+    assert checkpoints == [f"step-{last}"]
