@@ -156,7 +156,8 @@ def test_half_written_checkpoints_are_skipped_and_named(unbroken, tmp_path) -> N
     assert checkpoint_problem(reference / "step-4") is None
     assert latest_complete_step(dump / "checkpoint") == 4
 
-    run = run_train(dump, *ARGS, *EVERY_4, nproc=2)
+    # one process (the same global batch of 8) resumes the two processes' checkpoints
+    run = train_here(dump, *ARGS, *EVERY_4, "--training.local_batch_size", "8")
     assert "step-16 is corrupted (__1_0.distcp does not match its checksum)" in run.output
     assert "step-12 is incomplete (no .metadata" in run.output
     assert "step-8 is incomplete" in run.output and "cut short" in run.output
