@@ -27,6 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REFERENCES = {
     "single": ((*REFERENCE, "--metrics.enable_tensorboard"), 1),
     "fsdp": ((*REFERENCE, "--parallelism.data_parallel_shard_degree", "2"), 2),
+    "tp": ((*REFERENCE, "--parallelism.tensor_parallel_degree", "2"), 2),
 }
 
 
@@ -58,3 +59,10 @@ def fsdp(references: dict[str, Training]) -> tuple[Run, Path]:
     """The reference run with FSDP over two processes (global batch 8): its checkpoints are
     resumed on other layouts, converted and sampled."""
     return references["fsdp"].finish(), references["fsdp"].dump_folder
+
+
+@pytest.fixture(scope="session")
+def tp(references: dict[str, Training]) -> tuple[Run, Path]:
+    """The reference run with its heads split over two processes (tensor parallelism): it
+    follows the one of one process, and its checkpoints resume on other layouts."""
+    return references["tp"].finish(), references["tp"].dump_folder

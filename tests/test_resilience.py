@@ -28,7 +28,7 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Run, Training, run_train, selected_tests_use, train_here
+from tests.launch import Run, Training, selected_tests_use, train_here
 from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16

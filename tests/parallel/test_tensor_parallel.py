@@ -22,7 +22,7 @@ from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_compile
 from flux.parallel.tensor_parallel import apply_tensor_parallel
-from tests.launch import REFERENCE, ROOT, Training, average_at, run_train
+from tests.launch import REFERENCE, ROOT, average_at, run_train
 from tests.model.helpers import model_inputs, randomize
 from tests.parallel.tp_worker import LAYOUTS
 
@@ -128,41 +128,33 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["text_encoders"] <= 1e-5
 
 
-TP2 = ("--parallelism.tensor_parallel_degree", "2")
 CP2 = ("--parallelism.context_parallel_degree", "2")
 
 
 @pytest.mark.e2e
-def test_training_with_tp_or_cp_follows_one_process_and_resumes_under_fsdp(
-    single, tmp_path
-) -> None:
+def test_training_with_tp_follows_one_process_and_resumes_under_cp(single, tp, tmp_path) -> None:
     """The reference run of one process (tests/conftest.py) against the same run with its
-    heads split over two processes (TP) and with its tokens split (CP)."""
-    reference, _ = single
-    # side by side: each spends part of its time waiting (start-up, torchrun, gloo)
-    tp_training = Training(tmp_path / "tp", *REFERENCE, *TP2, nproc=2)
-    cp_training = Training(tmp_path / "cp", *REFERENCE, *CP2, nproc=2)
-    tp, cp = tp_training.finish(), cp_training.finish()
-    for run in (reference, tp, cp):
+    heads split over two processes (TP); then TP's step-2 checkpoint resumed with the tokens
+    split over two processes instead (CP, with FSDP over them), which goes on as the
+    reference went on. (Each layout's loss and gradients from the start: tp_worker.)"""
+    (reference, _), (tp_run, tp_dump) = single, tp
+    dump = tmp_path / "cp"
+    shutil.copytree(tp_dump / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
+    cp = run_train(dump, *REFERENCE, *CP2, nproc=2)
+    for run, steps in ((reference, [1, 2, 3, 4]), (tp_run, [1, 2, 3, 4]), (cp, [3, 4])):
         assert run.returncode == 0, run.output[-3000:]
-        assert sorted(run.losses) == [1, 2, 3, 4]
-        assert run.losses == pytest.approx(reference.losses, rel=1e-5)
-        assert run.validation_losses == pytest.approx(reference.validation_losses, rel=1e-4)
-        assert run.ema_validation_losses == pytest.approx(reference.ema_validation_losses, rel=1e-4)
-        assert sorted(run.ema_validation_losses) == [1, 2, 4]
-
-    # The TP run's step-2 checkpoint, resumed with FSDP over 2 processes (the same global
-    # batch: each takes 2 of its 4 samples).
-    dump = tmp_path / "fsdp"
-    shutil.copytree(tmp_path / "tp" / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
-    fsdp = run_train(dump, *REFERENCE, "--training.local_batch_size", "2", nproc=2)
-    assert fsdp.returncode == 0, fsdp.output[-3000:]
-    assert "Training starts at step 3" in fsdp.output
-    assert {s: fsdp.losses[s] for s in (3, 4)} == pytest.approx(
-        {s: tp.losses[s] for s in (3, 4)}, rel=1e-5
-    )
-    # the average, saved from TP's strided shards, resumed under FSDP
-    averages = [average_at(path, 4) for path in (single[1], tmp_path / "tp", dump)]
+        assert sorted(run.losses) == steps
+        assert run.losses == pytest.approx({s: reference.losses[s] for s in steps}, rel=1e-5)
+        validated = [s for s in (1, 2, 4) if s in steps]
+        assert sorted(run.ema_validation_losses) == validated
+        for losses, expected in (
+            (run.validation_losses, reference.validation_losses),
+            (run.ema_validation_losses, reference.ema_validation_losses),
+        ):
+            assert losses == pytest.approx({s: expected[s] for s in validated}, rel=1e-4)
+    assert "Training starts at step 3" in cp.output
+    # the average, saved from TP's strided shards, resumed under CP and FSDP
+    averages = [average_at(path, 4) for path in (single[1], tp_dump, dump)]
     for average in averages[1:]:
         for name, value in averages[0].items():
             torch.testing.assert_close(average[name], value, rtol=1e-4, atol=1e-5, msg=name)
