@@ -4,6 +4,7 @@ allocator and torch.distributed's own collective calls."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -34,7 +35,9 @@ def mid_flavor() -> Iterator[None]:
     flux_configs.pop(MID, None)
 
 
+@functools.cache
 def planned(name: str, ngpu: int) -> Plan:
+    """The plan of a run (each is made once: a plan traces a step, about a second)."""
     return plan(parse_config(TWO_PROCESS_RUNS[name]), PlanSettings(ngpu=ngpu))[0]
 
 
