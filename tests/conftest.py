@@ -31,12 +31,12 @@ REFERENCES = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def references(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Training]]:
     """The reference runs the selected tests use, through ./run_train.sh, started side by
-    side when the first is asked for (each waits on start-up and torchrun part of the time)."""
+    side before the session's first test: they run while the tests before theirs do."""
     trainings = {
         name: Training(tmp_path_factory.mktemp(name) / "run", *args, nproc=nproc)
         for name, (args, nproc) in REFERENCES.items()

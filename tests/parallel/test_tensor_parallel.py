@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,30 +31,48 @@ FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel al
 
 
 @pytest.fixture(scope="module")
-def checked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
-    """What tests.parallel.tp_worker reports of a layout: the layouts of as many processes
-    are checked by one torchrun launch, made when the first of them is asked for."""
+def checked(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], dict]]:
+    """What tests.parallel.tp_worker reports of a layout. The layouts of as many processes
+    are checked by one torchrun launch; the launches the selected tests need start side by
+    side when the first layout is asked for (each waits on start-up part of the time)."""
     results: dict[str, dict] = {}
+    launches: dict[int, tuple[subprocess.Popen, Path]] = {}
+
+    def launch(nproc: int) -> None:
+        names = [name for name, other in LAYOUTS.items() if other.processes == nproc]
+        folder = tmp_path_factory.mktemp(f"{nproc}-processes")
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+            *("-m", "tests.parallel.tp_worker", str(folder / "out.json"), str(folder), *names),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(folder / "log", "w") as log:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        launches[nproc] = process, folder
 
     def of(layout: str) -> dict:
+        if not launches:
+            selected = {layout}  # and the layouts of this file's other selected tests
+            for item in request.session.items:
+                params = getattr(item, "callspec", None)
+                if item.module is request.module and params and "layout" in params.params:
+                    selected.add(params.params["layout"])
+            for nproc in sorted({LAYOUTS[name].processes for name in selected}):
+                launch(nproc)
         if layout not in results:
             nproc = LAYOUTS[layout].processes
-            names = [name for name, other in LAYOUTS.items() if other.processes == nproc]
-            folder = tmp_path_factory.mktemp(f"{nproc}-processes")
-            out = folder / "out.json"
-            command = [
-                *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-                *("-m", "tests.parallel.tp_worker", str(out), str(folder), *names),
-            ]
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            done = subprocess.run(
-                command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
-            results.update(json.loads(out.read_text()))
+            if nproc not in launches:
+                launch(nproc)
+            process, folder = launches[nproc]
+            assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
+            results.update(json.loads((folder / "out.json").read_text()))
         return results[layout]
 
-    return of
+    yield of
+    for process, _ in launches.values():
+        process.wait(timeout=600)
 
 
 @pytest.fixture
