@@ -7,7 +7,8 @@ distutils shim has been seen to fall back to the standard library's distutils th
 before anything compiles.
 
 The reference trainings that several test files compare to, resume or convert are made here,
-once per session (only when a selected test asks for them).
+once per session (only when a selected test asks for them); they, and the runs test files
+start ahead (`start_ahead`), start before the first test.
 """
 
 import os
@@ -45,6 +46,18 @@ def references(
     yield trainings
     for training in trainings.values():
         training.process.wait(timeout=300)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def started_ahead(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runs a test file makes that need nothing from other tests, started before the
+    session's first test: by the file's `start_ahead(request, tmp_path_factory)`, where it
+    defines one (it starts what its selected tests use, and its fixtures take them up).
+    They run while the tests before theirs do."""
+    for module in dict.fromkeys(item.module for item in request.session.items):
+        start = getattr(module, "start_ahead", None)
+        if start is not None:
+            start(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -60,10 +60,24 @@ def saved(dump: Path) -> list[str]:
     return sorted(p.name for p in (dump / "checkpoint").iterdir())
 
 
+def start_unbroken(factory: pytest.TempPathFactory) -> Training:
+    """16 steps on two processes, a checkpoint every 4."""
+    return Training(factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
+
+
+AHEAD: dict[str, Training] = {}
+
+
+def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
+    """The unbroken run, started before the session's first test (conftest)."""
+    if selected_tests_use(request, "unbroken"):
+        AHEAD["unbroken"] = start_unbroken(factory)
+
+
 @pytest.fixture(scope="module")
 def unbroken_training(tmp_path_factory) -> Iterator[Training]:
-    """16 steps on two processes, a checkpoint every 4: started (see `unbroken`)."""
-    training = Training(tmp_path_factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
+    """The unbroken run, started (see `unbroken`)."""
+    training = AHEAD.pop("unbroken", None) or start_unbroken(tmp_path_factory)
     yield training
     training.process.wait(timeout=300)
 

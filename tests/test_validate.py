@@ -27,7 +27,7 @@ from flux.validate import (
     without_recompiling,
 )
 from tests.caches import job, make_cache
-from tests.launch import run_train
+from tests.launch import Run, Training, selected_tests_use
 from tests.model.helpers import compiled_debug_model, model_inputs, randomize
 
 CPU = torch.device("cpu")
@@ -255,31 +255,49 @@ sample_prompts = []
 """
 
 
-@pytest.mark.e2e
-def test_the_debug_recipe_precomputes_trains_evaluates_and_stops_at_the_target(
-    tmp_path, monkeypatch
-) -> None:
+def start_recipe(folder: Path) -> Training:
     """The MLPerf recipe in small: caches of shapes, FSDP over two processes, the mlperf
     metric over 5 held-out samples (one rank's last batch is empty) every 8 samples, and a
     target the first evaluation reaches."""
-    train = make_cache(tmp_path / "train", 16)
-    held_out = make_cache(tmp_path / "held_out", 5, "--split", "validation")
+    train = make_cache(folder / "train", 16)
+    held_out = make_cache(folder / "held_out", 5, "--split", "validation")
     debug = DEBUG_CONFIG.read_text()
-    recipe = tmp_path / "recipe.toml"
+    recipe = folder / "recipe.toml"
     recipe.write_text(
         debug[: debug.index("[validation]")] + RECIPE_VALIDATION.format(cache=held_out)
     )
-    monkeypatch.setenv("CONFIG_FILE", str(recipe))
-    dump = tmp_path / "run"
-    run = run_train(
-        dump,
+    return Training(
+        folder / "run",
         *("--training.dataset", "precomputed", "--training.dataset_path", str(train)),
         *("--training.steps", "6", "--training.local_batch_size", "2"),
         *("--checkpoint.enable", "--checkpoint.interval", "100"),
-        "--parallelism.data_parallel_shard_degree",
-        "2",
+        *("--parallelism.data_parallel_shard_degree", "2"),
         nproc=2,
+        env={"CONFIG_FILE": str(recipe)},
     )
+
+
+AHEAD: dict[str, Training] = {}
+
+
+def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
+    """The recipe's run, started before the session's first test (conftest)."""
+    if selected_tests_use(request, "recipe_run"):
+        AHEAD["recipe_run"] = start_recipe(factory.mktemp("recipe"))
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
+    training = AHEAD.pop("recipe_run", None) or start_recipe(tmp_path_factory.mktemp("recipe"))
+    return training.finish(), training.dump_folder
+
+
+@pytest.mark.e2e
+def test_the_debug_recipe_precomputes_trains_evaluates_and_stops_at_the_target(
+    recipe_run,
+) -> None:
+    """The MLPerf recipe in small (start_recipe): precompute, train, evaluate, stop."""
+    run, dump = recipe_run
     assert run.returncode == 0, run.output[-3000:]
     assert sorted(run.losses) == [1, 2]  # 4 samples a step: 8 seen after step 2
     assert list(run.validation_losses) == [2]
