@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +71,6 @@ def selected_tests_use(request: Any, fixture: str) -> bool:
     """Whether a test of this pytest session (as selected) asks for `fixture`, directly or
     through another fixture: what a fixture that starts runs side by side checks first."""
     return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
-
-
-_AHEAD = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ahead")
-
-
-def in_thread(work: Callable[..., Any], *args: Any) -> Future:
-    """work(*args) in a thread of its own: what a file's `start_ahead` (tests/conftest.py)
-    gives runs that must be watched as they go (a signal after step 2, a kill), so that they
-    go on while other tests do. The Future's result() waits, and raises what work raised."""
-    return _AHEAD.submit(work, *args)
 
 
 class _NoOtherRanks:

@@ -15,7 +15,6 @@ import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,7 +28,7 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Run, Training, in_thread, selected_tests_use, train_here
+from tests.launch import Run, Training, selected_tests_use, train_here
 from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16
@@ -66,16 +65,13 @@ def start_unbroken(factory: pytest.TempPathFactory) -> Training:
     return Training(factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
 
 
-AHEAD: dict[str, Any] = {}
+AHEAD: dict[str, Training] = {}
 
 
 def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
-    """The unbroken run and the preempted ones (watched in a thread), started before the
-    session's first test (conftest)."""
+    """The unbroken run, started before the session's first test (conftest)."""
     if selected_tests_use(request, "unbroken"):
         AHEAD["unbroken"] = start_unbroken(factory)
-    if selected_tests_use(request, "preempted"):
-        AHEAD["preempted"] = in_thread(preempt, factory)
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +88,16 @@ def unbroken(unbroken_training) -> tuple[Run, Path]:
     return unbroken_training.finish(), unbroken_training.dump_folder
 
 
-def preempt(factory: pytest.TempPathFactory) -> tuple[Run, list[str], Run, int]:
+@pytest.fixture(scope="module")
+def preempted(request, tmp_path_factory) -> tuple[Run, list[str], Run, int]:
     """A run with no checkpoint but the one a signal asks for, stopped by SIGTERM after
     step 2 (the run, and what it saved), then the same command again, with torchrun
     allowed one restart: one of its processes is killed two steps after it resumed (the
-    rerun, and the last step logged before the kill)."""
-    dump = factory.mktemp("preempted") / "run"
+    rerun, and the last step logged before the kill). The unbroken run, when a selected
+    test compares to it, runs beside the first (each waits on start-up part of the time)."""
+    if selected_tests_use(request, "unbroken"):
+        request.getfixturevalue("unbroken_training")
+    dump = tmp_path_factory.mktemp("preempted") / "run"
     args = (*ARGS, "--checkpoint.interval", "1000")
     training = Training(dump, *args, nproc=2)
     training.wait_until(lambda: "step:  2 " in training.output)
@@ -114,17 +114,6 @@ def preempt(factory: pytest.TempPathFactory) -> tuple[Run, list[str], Run, int]:
     os.kill(rank_1, signal.SIGKILL)
     killed_at = max(Run(0, rerun.output).losses)  # the kill came after this step at the latest
     return stopped, kept, rerun.finish(), killed_at
-
-
-@pytest.fixture(scope="module")
-def preempted(request, tmp_path_factory) -> tuple[Run, list[str], Run, int]:
-    """`preempt`'s runs, watched in a thread started before the session's first test
-    (start_ahead), beside the unbroken run when a selected test compares to it."""
-    if "preempted" in AHEAD:
-        return AHEAD.pop("preempted").result(timeout=900)
-    if selected_tests_use(request, "unbroken"):
-        request.getfixturevalue("unbroken_training")
-    return preempt(tmp_path_factory)
 
 
 @pytest.mark.e2e

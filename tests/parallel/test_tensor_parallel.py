@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -24,83 +23,55 @@ from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_compile
 from flux.parallel.tensor_parallel import apply_tensor_parallel
-from tests.launch import (
-    REFERENCE,
-    ROOT,
-    Run,
-    Training,
-    average_at,
-    in_thread,
-    run_train,
-    selected_tests_use,
-)
+from tests.launch import REFERENCE, ROOT, average_at, run_train
 from tests.model.helpers import model_inputs, randomize
 from tests.parallel.tp_worker import LAYOUTS
 
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
 
-def launch_layouts(factory: pytest.TempPathFactory, nproc: int) -> tuple[subprocess.Popen, Path]:
-    """One torchrun launch of tests.parallel.tp_worker that checks every layout of `nproc`
-    processes; it writes its results to out.json in the folder it is given with it."""
-    names = [name for name, other in LAYOUTS.items() if other.processes == nproc]
-    folder = factory.mktemp(f"{nproc}-processes")
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-        *("-m", "tests.parallel.tp_worker", str(folder / "out.json"), str(folder), *names),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(folder / "log", "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
-    return process, folder
-
-
-def resume_under_cp(tp: Training, dump: Path) -> tuple[Run, Path]:
-    """The TP reference's step-2 checkpoint, resumed with context parallelism over two
-    processes (as soon as the TP run has ended)."""
-    tp.finish()
-    shutil.copytree(tp.dump_folder / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
-    return run_train(dump, *REFERENCE, *CP2, nproc=2), dump
-
-
-AHEAD: dict[Any, Any] = {}
-
-
-def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
-    """Before the session's first test (conftest): the tp_worker launches of the selected
-    layouts, side by side, and the CP resume, in a thread that waits for the TP reference."""
-    layouts = set()
-    for item in request.session.items:
-        params = getattr(item, "callspec", None)
-        if item.module.__name__ == __name__ and params and "layout" in params.params:
-            layouts.add(params.params["layout"])
-    for nproc in sorted({LAYOUTS[name].processes for name in layouts}):
-        AHEAD[nproc] = launch_layouts(factory, nproc)
-    if selected_tests_use(request, "tp"):
-        tp = request.getfixturevalue("references")["tp"]
-        AHEAD["cp"] = in_thread(resume_under_cp, tp, factory.mktemp("cp") / "run")
-
-
 @pytest.fixture(scope="module")
-def checked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], dict]]:
-    """What tests.parallel.tp_worker reports of a layout (the layouts of as many processes
-    are checked by one launch, started ahead)."""
+def checked(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], dict]]:
+    """What tests.parallel.tp_worker reports of a layout. The layouts of as many processes
+    are checked by one torchrun launch; the launches the selected tests need start side by
+    side when the first layout is asked for (each waits on start-up part of the time)."""
     results: dict[str, dict] = {}
-    waited: list[subprocess.Popen] = []
+    launches: dict[int, tuple[subprocess.Popen, Path]] = {}
+
+    def launch(nproc: int) -> None:
+        names = [name for name, other in LAYOUTS.items() if other.processes == nproc]
+        folder = tmp_path_factory.mktemp(f"{nproc}-processes")
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+            *("-m", "tests.parallel.tp_worker", str(folder / "out.json"), str(folder), *names),
+        ]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(folder / "log", "w") as log:
+            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        launches[nproc] = process, folder
 
     def of(layout: str) -> dict:
+        if not launches:
+            selected = {layout}  # and the layouts of this file's other selected tests
+            for item in request.session.items:
+                params = getattr(item, "callspec", None)
+                if item.module is request.module and params and "layout" in params.params:
+                    selected.add(params.params["layout"])
+            for nproc in sorted({LAYOUTS[name].processes for name in selected}):
+                launch(nproc)
         if layout not in results:
             nproc = LAYOUTS[layout].processes
-            if nproc not in AHEAD:
-                AHEAD[nproc] = launch_layouts(tmp_path_factory, nproc)
-            process, folder = AHEAD[nproc]
-            waited.append(process)
+            if nproc not in launches:
+                launch(nproc)
+            process, folder = launches[nproc]
             assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
             results.update(json.loads((folder / "out.json").read_text()))
         return results[layout]
 
     yield of
-    for process in waited:
+    for process, _ in launches.values():
         process.wait(timeout=600)
 
 
@@ -180,18 +151,15 @@ CP2 = ("--parallelism.context_parallel_degree", "2")
 
 
 @pytest.mark.e2e
-def test_training_with_tp_follows_one_process_and_resumes_under_cp(
-    references, single, tp, tmp_path
-) -> None:
+def test_training_with_tp_follows_one_process_and_resumes_under_cp(single, tp, tmp_path) -> None:
     """The reference run of one process (tests/conftest.py) against the same run with its
     heads split over two processes (TP); then TP's step-2 checkpoint resumed with the tokens
     split over two processes instead (CP, with FSDP over them), which goes on as the
     reference went on. (Each layout's loss and gradients from the start: tp_worker.)"""
     (reference, _), (tp_run, tp_dump) = single, tp
-    if "cp" in AHEAD:
-        cp, dump = AHEAD.pop("cp").result(timeout=900)
-    else:
-        cp, dump = resume_under_cp(references["tp"], tmp_path / "cp")
+    dump = tmp_path / "cp"
+    shutil.copytree(tp_dump / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
+    cp = run_train(dump, *REFERENCE, *CP2, nproc=2)
     for run, steps in ((reference, [1, 2, 3, 4]), (tp_run, [1, 2, 3, 4]), (cp, [3, 4])):
         assert run.returncode == 0, run.output[-3000:]
         assert sorted(run.losses) == steps

@@ -7,12 +7,11 @@ import signal
 import stat
 import subprocess
 import sys
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
-from tests.launch import ANSI, ROOT, Run, Training, in_thread, selected_tests_use
+from tests.launch import ANSI, ROOT, Run, Training
 
 pytestmark = pytest.mark.e2e
 
@@ -69,11 +68,13 @@ def test_slurm_script_refuses_a_bad_config_before_launching(tmp_path) -> None:
     assert "ChildFailedError" not in run.output  # refused before torchrun started
 
 
-def signal_job(tmp_path: Path) -> tuple[Run, Path]:
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> tuple[Run, Path]:
     """A job of 40 steps on one node of 2 CPU ranks, told to stop after step 2 as
     `#SBATCH --signal=USR1@300` tells it: SLURM signals the processes of the job step
     (torchrun and the trainers), not the batch shell; the shell then requeues the job.
     The same job shows the script training: one launch for both tests."""
+    tmp_path = tmp_path_factory.mktemp("slurm")
     dump = tmp_path / "run"
     args = ("--training.steps", "40", "--checkpoint.enable", "--checkpoint.interval", "1000")
     training = Training(dump, *args, env=slurm_env(tmp_path), script=SCRIPT)
@@ -81,22 +82,6 @@ def signal_job(tmp_path: Path) -> tuple[Run, Path]:
     for pid in training.worker_pids().values():
         os.kill(pid, signal.SIGUSR1)
     return training.finish(), tmp_path
-
-
-AHEAD: dict[str, Future] = {}
-
-
-def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
-    """The signalled job, watched in a thread started before the session's first test."""
-    if selected_tests_use(request, "signalled"):
-        AHEAD["signalled"] = in_thread(signal_job, factory.mktemp("slurm"))
-
-
-@pytest.fixture(scope="module")
-def signalled(tmp_path_factory) -> tuple[Run, Path]:
-    if "signalled" in AHEAD:
-        return AHEAD.pop("signalled").result(timeout=900)
-    return signal_job(tmp_path_factory.mktemp("slurm"))
 
 
 def test_slurm_script_trains_with_fsdp_over_the_node(signalled) -> None:
