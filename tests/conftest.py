@@ -8,7 +8,7 @@ before anything compiles.
 
 The reference trainings that several test files compare to, resume or convert are made here,
 once per session (only when a selected test asks for them); they, and the runs test files
-start ahead (`start_ahead`), start before the first test.
+start ahead (their AHEAD), start before the first test.
 """
 
 import os
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import setuptools  # noqa: F401
 
-from tests.launch import REFERENCE, Run, Training, selected_tests_use
+from tests.launch import REFERENCE, Ahead, Run, Training, selected_tests_use
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -50,14 +50,12 @@ def references(
 
 @pytest.fixture(scope="session", autouse=True)
 def started_ahead(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Runs a test file makes that need nothing from other tests, started before the
-    session's first test: by the file's `start_ahead(request, tmp_path_factory)`, where it
-    defines one (it starts what its selected tests use, and its fixtures take them up).
-    They run while the tests before theirs do."""
+    """The runs test files start ahead (their AHEAD, a tests.launch.Ahead), before the
+    session's first test: they run while the tests before theirs do."""
     for module in dict.fromkeys(item.module for item in request.session.items):
-        start = getattr(module, "start_ahead", None)
-        if start is not None:
-            start(request, tmp_path_factory)
+        ahead = getattr(module, "AHEAD", None)
+        if isinstance(ahead, Ahead):
+            ahead.start(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,27 @@ def selected_tests_use(request: Any, fixture: str) -> bool:
     return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
 
 
+class Ahead:
+    """Runs a test file starts before the session's first test, so that they go on while the
+    tests before its own do: a file's module-level AHEAD = Ahead(fixture=start, ...), where
+    start(tmp_path_factory) starts what that fixture's tests need. tests/conftest.py starts
+    those a selected test uses; the fixture takes its run, or starts it when none was."""
+
+    def __init__(self, **starts: Callable[[Any], Any]):
+        self.starts = starts
+        self.started: dict[str, Any] = {}
+
+    def start(self, request: Any, factory: Any) -> None:
+        for fixture, start in self.starts.items():
+            if selected_tests_use(request, fixture):
+                self.started[fixture] = start(factory)
+
+    def take(self, fixture: str, factory: Any) -> Any:
+        if fixture in self.started:
+            return self.started.pop(fixture)
+        return self.starts[fixture](factory)
+
+
 class _NoOtherRanks:
     """The time module as torchtitan's Trainer sees it, but for the 2 s it sleeps after the
     last step "for other ranks to complete": a process group of one has none to wait for."""

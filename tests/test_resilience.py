@@ -28,7 +28,7 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Run, Training, selected_tests_use, train_here
+from tests.launch import Ahead, Run, Training, selected_tests_use, train_here
 from tests.scripts.test_precompute import folder_with_bad_files
 
 STEPS = 16
@@ -65,19 +65,13 @@ def start_unbroken(factory: pytest.TempPathFactory) -> Training:
     return Training(factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
 
 
-AHEAD: dict[str, Training] = {}
-
-
-def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
-    """The unbroken run, started before the session's first test (conftest)."""
-    if selected_tests_use(request, "unbroken"):
-        AHEAD["unbroken"] = start_unbroken(factory)
+AHEAD = Ahead(unbroken_training=start_unbroken)  # started before the first test (conftest)
 
 
 @pytest.fixture(scope="module")
 def unbroken_training(tmp_path_factory) -> Iterator[Training]:
     """The unbroken run, started (see `unbroken`)."""
-    training = AHEAD.pop("unbroken", None) or start_unbroken(tmp_path_factory)
+    training = AHEAD.take("unbroken_training", tmp_path_factory)
     yield training
     training.process.wait(timeout=300)
 

@@ -193,14 +193,13 @@ def launched(
         folder = tmp_path_factory.mktemp("float8") / "run"
         return Training(folder, *FLOAT8_FIRST, *FLOAT8, nproc=2)
 
-    tests = {
-        "hsdp": "test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2",
-        "too_small": "test_a_data_set_too_small_for_two_processes_stops_in_one_line",
-        "float8": "test_a_float8_checkpoint_resumes_without_float8",
+    starts = {  # the test that takes each run
+        "test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2": ("hsdp", hsdp),
+        "test_a_data_set_too_small_for_two_processes_stops_in_one_line": ("too_small", too_small),
+        "test_a_float8_checkpoint_resumes_without_float8": ("float8", float8),
     }
-    selected = {item.name for item in request.session.items if item.module is request.module}
-    start = {"hsdp": hsdp, "too_small": too_small, "float8": float8}
-    runs = {name: start[name]() for name, test in tests.items() if test in selected}
+    selected = [item.name for item in request.session.items if item.module is request.module]
+    runs = {starts[t][0]: starts[t][1]() for t in starts if t in selected}
     yield runs
     for training in runs.values():
         training.process.wait(timeout=600)

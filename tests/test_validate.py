@@ -27,7 +27,7 @@ from flux.validate import (
     without_recompiling,
 )
 from tests.caches import job, make_cache
-from tests.launch import Run, Training, selected_tests_use
+from tests.launch import Ahead, Run, Training
 from tests.model.helpers import compiled_debug_model, model_inputs, randomize
 
 CPU = torch.device("cpu")
@@ -255,10 +255,11 @@ sample_prompts = []
 """
 
 
-def start_recipe(folder: Path) -> Training:
+def start_recipe(factory: pytest.TempPathFactory) -> Training:
     """The MLPerf recipe in small: caches of shapes, FSDP over two processes, the mlperf
     metric over 5 held-out samples (one rank's last batch is empty) every 8 samples, and a
     target the first evaluation reaches."""
+    folder = factory.mktemp("recipe")
     train = make_cache(folder / "train", 16)
     held_out = make_cache(folder / "held_out", 5, "--split", "validation")
     debug = DEBUG_CONFIG.read_text()
@@ -277,18 +278,12 @@ def start_recipe(folder: Path) -> Training:
     )
 
 
-AHEAD: dict[str, Training] = {}
-
-
-def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
-    """The recipe's run, started before the session's first test (conftest)."""
-    if selected_tests_use(request, "recipe_run"):
-        AHEAD["recipe_run"] = start_recipe(factory.mktemp("recipe"))
+AHEAD = Ahead(recipe_run=start_recipe)  # started before the first test (conftest)
 
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
-    training = AHEAD.pop("recipe_run", None) or start_recipe(tmp_path_factory.mktemp("recipe"))
+    training = AHEAD.take("recipe_run", tmp_path_factory)
     return training.finish(), training.dump_folder
 
 

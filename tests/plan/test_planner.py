@@ -22,7 +22,7 @@ from flux.model.model import FluxModel
 from flux.plan.planner import Plan, PlanSettings, plan
 from flux.plan.step import EMA, GRADIENTS, OPTIMIZER, PARAMETERS
 from flux.seam import use_cpu_if_no_accelerator
-from tests.launch import ROOT, selected_tests_use
+from tests.launch import ROOT, Ahead
 from tests.plan.helpers import MID, RUNS, TWO_PROCESS_RUNS, measure, register_mid
 
 TOLERANCE = 0.15
@@ -52,36 +52,26 @@ def one_process() -> dict:
         dist.destroy_process_group()
 
 
-def start_measuring(folder: Path) -> subprocess.Popen:
-    """tests.plan.measure_worker on two gloo processes, writing folder/two.json."""
+def start_measuring(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, Path]:
+    """tests.plan.measure_worker on two gloo processes, writing two.json in its folder."""
+    folder = factory.mktemp("measured")
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
         *("-m", "tests.plan.measure_worker", str(folder / "two.json")),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(folder / "log", "w") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder
 
 
-AHEAD: dict[str, tuple[subprocess.Popen, Path]] = {}
-
-
-def start_ahead(request: pytest.FixtureRequest, factory: pytest.TempPathFactory) -> None:
-    """The two-process measurement, started before the session's first test (conftest)."""
-    if selected_tests_use(request, "two_processes"):
-        folder = factory.mktemp("measured")
-        AHEAD["two_processes"] = start_measuring(folder), folder
+AHEAD = Ahead(two_processes=start_measuring)  # started before the first test (conftest)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The runs stepped for real by two gloo processes (rank 0's view): FSDP over both, and
     the debug flavor with tensor and with context parallelism (torchrun: e2e tests)."""
-    if "two_processes" in AHEAD:
-        process, folder = AHEAD.pop("two_processes")
-    else:
-        folder = tmp_path_factory.mktemp("measured")
-        process = start_measuring(folder)
+    process, folder = AHEAD.take("two_processes", tmp_path_factory)
     assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
     return json.loads((folder / "two.json").read_text())
 
