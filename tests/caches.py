@@ -1,10 +1,13 @@
-"""Small precomputed caches for tests, made in this process by flux.scripts.precompute."""
+"""Small precomputed caches for tests, made by flux.scripts.precompute in this process, or
+by its command in a process of its own."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from flux.config import DEBUG_CONFIG, check_config, parse_config
+from flux.config import DEBUG_CONFIG, PACKAGE_ROOT, check_config, parse_config
 from flux.scripts import precompute
 
 DEBUG = str(DEBUG_CONFIG)
@@ -15,6 +18,16 @@ def make_cache(root: Path, num_samples: int, *args: str) -> Path:
     precompute.main(
         ["--output", str(root), "--num_samples", str(num_samples), "--workers", "0", *args]
     )
+    return root
+
+
+def make_cache_in_a_process(root: Path, num_samples: int, *args: str) -> Path:
+    """make_cache, by `python -m flux.scripts.precompute`: what a background job (tests.launch
+    .Job) uses, as it runs beside tests that share this process's state."""
+    command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(root)]
+    command += ["--num_samples", str(num_samples), "--workers", "0", *args]
+    done = subprocess.run(command, cwd=PACKAGE_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
     return root
 
 

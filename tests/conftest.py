@@ -7,8 +7,9 @@ distutils shim has been seen to fall back to the standard library's distutils th
 before anything compiles.
 
 The reference trainings that several test files compare to, resume or convert are made here,
-once per session (only when a selected test asks for them); they, and the runs test files
-start ahead (their AHEAD), start before the first test.
+once per session (only when a selected test asks for them), started before the first test;
+the runs test files declare ahead (their AHEAD) are queued for the background
+(tests.launch.BACKGROUND), which starts them while the tests before theirs run.
 """
 
 import os
@@ -18,7 +19,15 @@ from pathlib import Path
 import pytest
 import setuptools  # noqa: F401
 
-from tests.launch import REFERENCE, Ahead, Run, Training, selected_tests_use
+from tests.launch import (
+    BACKGROUND,
+    REFERENCE,
+    REFERENCE_RUNS,
+    Ahead,
+    Run,
+    Training,
+    selected_tests_use,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -43,19 +52,25 @@ def references(
         for name, (args, nproc) in REFERENCES.items()
         if selected_tests_use(request, name)
     }
+    REFERENCE_RUNS.update(trainings)
     yield trainings
     for training in trainings.values():
         training.process.wait(timeout=300)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def started_ahead(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The runs test files start ahead (their AHEAD, a tests.launch.Ahead), before the
-    session's first test: they run while the tests before theirs do."""
+def started_ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, references
+) -> Iterator[None]:
+    """The runs test files start ahead (their AHEAD, a tests.launch.Ahead), queued in the
+    order of their tests for the background (tests.launch.BACKGROUND), which starts them
+    while the tests before theirs run."""
     for module in dict.fromkeys(item.module for item in request.session.items):
         ahead = getattr(module, "AHEAD", None)
         if isinstance(ahead, Ahead):
-            ahead.start(request, tmp_path_factory)
+            ahead.queue(request, tmp_path_factory)
+    yield
+    BACKGROUND.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """How tests train: ./run_train.sh (torchrun, gloo on the CPU) for what needs processes, or
 flux.train.main in the test's own process (train_here) where one process shows the same;
-and the arguments of the reference runs tests/conftest.py makes once per session."""
+the arguments of the reference runs tests/conftest.py makes once per session; and the
+background that starts the runs test files declare (their AHEAD) while other tests run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,25 +75,163 @@ def selected_tests_use(request: Any, fixture: str) -> bool:
     return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
 
 
+# The reference runs of this session, by name (tests/conftest.py starts them): what a Job
+# that resumes or compares to one waits for (its `after`).
+REFERENCE_RUNS: dict[str, Training] = {}
+
+
+@dataclass
+class Job:
+    """A run, or a whole scenario (a run signalled, killed, run again), that a test file
+    declares in its AHEAD for the background to start before its tests ask for it.
+    start(tmp_path_factory) gives what the fixture takes: a started Training or process, or
+    a scenario's finished result. `after`: the reference runs it needs ended first (it
+    resumes from their checkpoints). `wanted(items)`: whether the session's selected tests
+    need it (default: whether one uses the fixture of its name). start runs in a thread
+    beside the tests, which share this process's torch state (its random generators, its
+    compile caches) and sys.stdout: it only starts processes and writes files."""
+
+    start: Callable[[Any], Any]
+    after: tuple[str, ...] = ()
+    wanted: Callable[[list[Any]], bool] | None = None
+
+
 class Ahead:
-    """Runs a test file starts before the session's first test, so that they go on while the
-    tests before its own do: a file's module-level AHEAD = Ahead(fixture=start, ...), where
-    start(tmp_path_factory) starts what that fixture's tests need. tests/conftest.py starts
-    those a selected test uses; the fixture takes its run, or starts it when none was."""
+    """The runs a test file starts in the background (a module-level AHEAD = Ahead(
+    fixture=start_or_job, ...)): tests/conftest.py hands those the selected tests need to
+    BACKGROUND, and the fixture takes its own with take(), which starts it there and then
+    when the background has not yet, or when the file runs alone."""
 
-    def __init__(self, **starts: Callable[[Any], Any]):
-        self.starts = starts
-        self.started: dict[str, Any] = {}
+    def __init__(self, **starts: Callable[[Any], Any] | Job):
+        self.jobs = {
+            name: start if isinstance(start, Job) else Job(start) for name, start in starts.items()
+        }
 
-    def start(self, request: Any, factory: Any) -> None:
-        for fixture, start in self.starts.items():
-            if selected_tests_use(request, fixture):
-                self.started[fixture] = start(factory)
+    def queue(self, request: Any, factory: Any) -> None:
+        items = request.session.items
+        for name, job in self.jobs.items():
+            if job.wanted(items) if job.wanted else selected_tests_use(request, name):
+                BACKGROUND.add((self, name), job, factory)
 
     def take(self, fixture: str, factory: Any) -> Any:
-        if fixture in self.started:
-            return self.started.pop(fixture)
-        return self.starts[fixture](factory)
+        return BACKGROUND.take((self, fixture), self.jobs[fixture], factory)
+
+
+def _busy_cpu_time() -> tuple[int, int]:
+    """(busy, total) CPU time of this machine since boot, in ticks (Linux's /proc/stat)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)  # idle, iowait
+
+
+class Background:
+    """Starts the queued jobs, in the order their tests come, each in a thread of its own,
+    whenever the CPU has room: the share of this machine's CPU time in use over the last
+    second is under SPARE. Most tests run in this process on one core, so the runs test
+    files need go on beside them rather than after; started all at once they would crowd
+    the cores instead (measured: the whole suite took longer). A job whose reference runs
+    (`after`) are still going waits for them, the next one may start first. Where
+    /proc/stat is missing (not Linux), each job starts when the one before has started
+    and a few seconds have passed."""
+
+    SPARE = 0.6  # on two cores: one of them mostly free
+    SETTLE = 3.0  # seconds for a started job's processes to load the CPU
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: dict[Any, tuple[Job, Any]] = {}
+        self.started: dict[Any, tuple[threading.Thread, list]] = {}
+        self.filler: threading.Thread | None = None
+        self.stopping = threading.Event()
+
+    def add(self, key: Any, job: Job, factory: Any) -> None:
+        with self.lock:
+            self.pending[key] = (job, factory)
+            if self.filler is None or not self.filler.is_alive():
+                self.filler = threading.Thread(target=self._fill, name="background", daemon=True)
+                self.filler.start()
+
+    def _ready(self, job: Job) -> bool:
+        runs = [REFERENCE_RUNS[name] for name in job.after if name in REFERENCE_RUNS]
+        return all(run.process.poll() is not None for run in runs)
+
+    def _start(self, key: Any, job: Job, factory: Any) -> None:
+        """In a thread: the job's result, or the error it raised, for take()."""
+        outcome: list = []
+
+        def run() -> None:
+            try:
+                outcome.append((job.start(factory), None))
+            except BaseException as e:  # noqa: B036 - given to the test that takes it
+                outcome.append((None, e))
+
+        thread = threading.Thread(target=run, name=f"background {key[1]}", daemon=True)
+        self.started[key] = thread, outcome
+        thread.start()
+
+    def _fill(self) -> None:
+        last = _busy_cpu_time() if Path("/proc/stat").exists() else None
+        while not self.stopping.wait(1.0):
+            if last is not None:
+                now = _busy_cpu_time()
+                busy = (now[0] - last[0]) / max(now[1] - last[1], 1)
+                last = now
+                if busy >= self.SPARE:
+                    continue
+            with self.lock:
+                ready = [key for key, (job, _) in self.pending.items() if self._ready(job)]
+                if not ready:
+                    if not self.pending:
+                        return
+                    continue
+                job, factory = self.pending.pop(ready[0])
+                self._start(ready[0], job, factory)
+            if self.stopping.wait(self.SETTLE):
+                return
+            last = _busy_cpu_time() if last is not None else None
+
+    def take(self, key: Any, job: Job, factory: Any) -> Any:
+        with self.lock:
+            self.pending.pop(key, None)
+            running = self.started.pop(key, None)
+        if running is None:  # not started yet, or not queued: here and now
+            for name in job.after:
+                if name in REFERENCE_RUNS:
+                    REFERENCE_RUNS[name].process.wait(timeout=600)
+            return job.start(factory)
+        thread, outcome = running
+        thread.join()
+        result, error = outcome[0]
+        if error is not None:
+            raise error
+        return result
+
+    def close(self, timeout: float = 600) -> None:
+        """Starts nothing more; waits for the runs started but never taken (a test before
+        failed) to end."""
+        self.stopping.set()
+        with self.lock:
+            self.pending.clear()
+            started = list(self.started.values())
+            self.started.clear()
+        for thread, outcome in started:
+            thread.join(timeout)
+            result = outcome[0][0] if outcome else None
+            for process in _processes(result):
+                process.wait(timeout=timeout)
+
+
+def _processes(result: Any) -> list[subprocess.Popen]:
+    """The processes in a job's result (a Training, a Popen, or tuples of them)."""
+    if isinstance(result, Training):
+        return [result.process]
+    if isinstance(result, subprocess.Popen):
+        return [result]
+    if isinstance(result, tuple | list):
+        return [p for r in result for p in _processes(r)]
+    return []
+
+
+BACKGROUND = Background()
 
 
 class _NoOtherRanks:

@@ -28,8 +28,8 @@ from flux.resilience import (
     Skips,
     TooManySkipsError,
 )
-from tests.launch import Ahead, Run, Training, selected_tests_use, train_here
-from tests.scripts.test_precompute import folder_with_bad_files
+from tests.data.images import folder_with_bad_files
+from tests.launch import Ahead, Run, Training, train_here
 
 STEPS = 16
 ARGS = (
@@ -65,7 +65,31 @@ def start_unbroken(factory: pytest.TempPathFactory) -> Training:
     return Training(factory.mktemp("unbroken") / "run", *ARGS, *EVERY_4, nproc=2)
 
 
-AHEAD = Ahead(unbroken_training=start_unbroken)  # started before the first test (conftest)
+def preempt(factory: pytest.TempPathFactory) -> tuple[Run, list[str], Run, int]:
+    """A run with no checkpoint but the one a signal asks for, stopped by SIGTERM after
+    step 2 (the run, and what it saved), then the same command again, with torchrun
+    allowed one restart: one of its processes is killed two steps after it resumed (the
+    rerun, and the last step logged before the kill)."""
+    dump = factory.mktemp("preempted") / "run"
+    args = (*ARGS, "--checkpoint.interval", "1000")
+    training = Training(dump, *args, nproc=2)
+    training.wait_until(lambda: "step:  2 " in training.output)
+    training.process.send_signal(signal.SIGTERM)  # to run_train.sh, as a scheduler would
+    stopped = training.finish()
+    kept = saved(dump)
+    if stopped.returncode != 75 or not stopped.losses:
+        return stopped, kept, stopped, -1  # the tests say what went wrong
+    resume_at = max(stopped.losses) + 1
+    rerun = Training(dump, *args, nproc=2, env={"MAX_RESTARTS": "1"})
+    rerun.wait_until(lambda: 1 in rerun.worker_pids())
+    rank_1 = rerun.worker_pids()[1]
+    rerun.wait_until(lambda: max(Run(0, rerun.output).losses, default=0) >= resume_at + 1)
+    os.kill(rank_1, signal.SIGKILL)
+    killed_at = max(Run(0, rerun.output).losses)  # the kill came after this step at the latest
+    return stopped, kept, rerun.finish(), killed_at
+
+
+AHEAD = Ahead(unbroken_training=start_unbroken, preempted=preempt)  # in the background (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -83,31 +107,9 @@ def unbroken(unbroken_training) -> tuple[Run, Path]:
 
 
 @pytest.fixture(scope="module")
-def preempted(request, tmp_path_factory) -> tuple[Run, list[str], Run, int]:
-    """A run with no checkpoint but the one a signal asks for, stopped by SIGTERM after
-    step 2 (the run, and what it saved), then the same command again, with torchrun
-    allowed one restart: one of its processes is killed two steps after it resumed (the
-    rerun, and the last step logged before the kill). The unbroken run, when a selected
-    test compares to it, runs beside the first (each waits on start-up part of the time)."""
-    if selected_tests_use(request, "unbroken"):
-        request.getfixturevalue("unbroken_training")
-    dump = tmp_path_factory.mktemp("preempted") / "run"
-    args = (*ARGS, "--checkpoint.interval", "1000")
-    training = Training(dump, *args, nproc=2)
-    training.wait_until(lambda: "step:  2 " in training.output)
-    training.process.send_signal(signal.SIGTERM)  # to run_train.sh, as a scheduler would
-    stopped = training.finish()
-    kept = saved(dump)
-    if stopped.returncode != 75 or not stopped.losses:
-        return stopped, kept, stopped, -1  # the tests say what went wrong
-    resume_at = max(stopped.losses) + 1
-    rerun = Training(dump, *args, nproc=2, env={"MAX_RESTARTS": "1"})
-    rerun.wait_until(lambda: 1 in rerun.worker_pids())
-    rank_1 = rerun.worker_pids()[1]
-    rerun.wait_until(lambda: max(Run(0, rerun.output).losses, default=0) >= resume_at + 1)
-    os.kill(rank_1, signal.SIGKILL)
-    killed_at = max(Run(0, rerun.output).losses)  # the kill came after this step at the latest
-    return stopped, kept, rerun.finish(), killed_at
+def preempted(tmp_path_factory) -> tuple[Run, list[str], Run, int]:
+    """See preempt: the scenario, played in the background (or here, when it has not)."""
+    return AHEAD.take("preempted", tmp_path_factory)
 
 
 @pytest.mark.e2e

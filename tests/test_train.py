@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,18 @@ from PIL import Image
 
 from flux.generate import grid_tiles
 from tests.caches import make_cache
-from tests.launch import CHECKPOINT, EMA, SEED_STEPS, Run, Training, average_at, train_here
+from tests.launch import (
+    CHECKPOINT,
+    EMA,
+    REFERENCE_RUNS,
+    SEED_STEPS,
+    Ahead,
+    Job,
+    Run,
+    Training,
+    average_at,
+    train_here,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -167,47 +177,51 @@ FLOAT8_FIRST = (
 )
 
 
-@pytest.fixture(scope="module")
-def launched(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Training]]:
-    """This file's runs of more than one process that its selected tests use, started side
-    by side when the first is asked for (each waits on start-up part of the time): the FSDP
-    reference's step-2 checkpoint resumed on four processes as HSDP 2x2 ("hsdp"), a data
-    set of one record for two processes ("too_small"), and float8 over two ("float8")."""
-
-    def hsdp() -> Training:
-        folder = tmp_path_factory.mktemp("hsdp") / "run"
-        checkpoint_at(request.getfixturevalue("fsdp")[1], 2, folder)
-        return Training(folder, *COMMON, "2", *HSDP_2X2, *CHECKPOINT, *EMA, nproc=4)
-
-    def too_small() -> Training:
-        from tests.data.tars import make_shards
-
-        folder = tmp_path_factory.mktemp("too_small")
-        data = ("--training.dataset", "webdataset")
-        data += ("--training.dataset_path", str(make_shards(folder / "data", 1, 1)))
-        return Training(folder / "run", "--training.steps", "2", *data, nproc=2)
-
-    def float8() -> Training:
-        folder = tmp_path_factory.mktemp("float8") / "run"
-        return Training(folder, *FLOAT8_FIRST, *FLOAT8, nproc=2)
-
-    starts = {  # the test that takes each run
-        "test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2": ("hsdp", hsdp),
-        "test_a_data_set_too_small_for_two_processes_stops_in_one_line": ("too_small", too_small),
-        "test_a_float8_checkpoint_resumes_without_float8": ("float8", float8),
-    }
-    selected = [item.name for item in request.session.items if item.module is request.module]
-    runs = {starts[t][0]: starts[t][1]() for t in starts if t in selected}
-    yield runs
-    for training in runs.values():
-        training.process.wait(timeout=600)
+def start_hsdp(factory: pytest.TempPathFactory) -> Training:
+    """The FSDP reference's step-2 checkpoint resumed on four processes as HSDP 2x2."""
+    folder = factory.mktemp("hsdp") / "run"
+    checkpoint_at(REFERENCE_RUNS["fsdp"].dump_folder, 2, folder)
+    return Training(folder, *COMMON, "2", *HSDP_2X2, *CHECKPOINT, *EMA, nproc=4)
 
 
-def test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2(fsdp, launched) -> None:
+def start_too_small(factory: pytest.TempPathFactory) -> Training:
+    """A data set of one record for two processes."""
+    from tests.data.tars import make_shards
+
+    folder = factory.mktemp("too_small")
+    data = ("--training.dataset", "webdataset")
+    data += ("--training.dataset_path", str(make_shards(folder / "data", 1, 1)))
+    return Training(folder / "run", "--training.steps", "2", *data, nproc=2)
+
+
+def start_float8(factory: pytest.TempPathFactory) -> Training:
+    """Float8 over two processes (FSDP), a checkpoint at step 2."""
+    return Training(factory.mktemp("float8") / "run", *FLOAT8_FIRST, *FLOAT8, nproc=2)
+
+
+AHEAD = Ahead(  # started in the background (conftest)
+    hsdp=Job(start_hsdp, after=("fsdp",)), too_small=start_too_small, float8=start_float8
+)
+
+
+@pytest.fixture
+def hsdp(fsdp, tmp_path_factory: pytest.TempPathFactory) -> Training:
+    return AHEAD.take("hsdp", tmp_path_factory)
+
+
+@pytest.fixture
+def too_small(tmp_path_factory: pytest.TempPathFactory) -> Training:
+    return AHEAD.take("too_small", tmp_path_factory)
+
+
+@pytest.fixture
+def float8(tmp_path_factory: pytest.TempPathFactory) -> Training:
+    return AHEAD.take("float8", tmp_path_factory)
+
+
+def test_two_process_checkpoint_resumes_on_four_as_hsdp_2x2(fsdp, hsdp) -> None:
     reference, dump = fsdp
-    training = launched["hsdp"]
+    training = hsdp
     run = training.finish(timeout=600)
     assert "dp_replicate=2" in run.output and "dp_shard=2" in run.output
     assert "Training starts at step 3" in run.output
@@ -228,16 +242,16 @@ def test_a_model_only_checkpoint_is_refused_in_one_line(tmp_path) -> None:
     assert "initial_load_path" in lines[0]
 
 
-def test_a_data_set_too_small_for_two_processes_stops_in_one_line(launched) -> None:
+def test_a_data_set_too_small_for_two_processes_stops_in_one_line(too_small) -> None:
     """One record for two ranks: the rank without one says so; none waits forever."""
-    run = launched["too_small"].finish()
+    run = too_small.finish()
     assert run.returncode != 0
     lines = [line for line in run.output.splitlines() if "flux: error:" in line]
     assert len(lines) == 1 and "is too small for 2 readers" in lines[0], run.output[-3000:]
 
 
-def test_a_float8_checkpoint_resumes_without_float8(launched, tmp_path) -> None:
-    training = launched["float8"]
+def test_a_float8_checkpoint_resumes_without_float8(float8, tmp_path) -> None:
+    training = float8
     first = training.finish()
     assert first.returncode == 0, first.output[-3000:]
     assert "Swapped to Float8Linear" in first.output

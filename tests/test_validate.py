@@ -26,7 +26,7 @@ from flux.validate import (
     time_to_train_line,
     without_recompiling,
 )
-from tests.caches import job, make_cache
+from tests.caches import job, make_cache_in_a_process
 from tests.launch import Ahead, Run, Training
 from tests.model.helpers import compiled_debug_model, model_inputs, randomize
 
@@ -260,8 +260,8 @@ def start_recipe(factory: pytest.TempPathFactory) -> Training:
     metric over 5 held-out samples (one rank's last batch is empty) every 8 samples, and a
     target the first evaluation reaches."""
     folder = factory.mktemp("recipe")
-    train = make_cache(folder / "train", 16)
-    held_out = make_cache(folder / "held_out", 5, "--split", "validation")
+    train = make_cache_in_a_process(folder / "train", 16)
+    held_out = make_cache_in_a_process(folder / "held_out", 5, "--split", "validation")
     debug = DEBUG_CONFIG.read_text()
     recipe = folder / "recipe.toml"
     recipe.write_text(

@@ -1,4 +1,5 @@
-"""Images of several aspect ratios for the bucket tests: a folder, or tar shards."""
+"""Images for the tests: several aspect ratios (a folder, or tar shards), and a folder with bad
+files."""
 
 from __future__ import annotations
 
@@ -37,4 +38,18 @@ def mixed_shards(root: Path, shards: int = 4, per_shard: int = 31) -> Path:
             files += [(f"{i:05d}.png", buf.getvalue()), (f"{i:05d}.txt", f"caption {i}".encode())]
             i += 1
         write_tar(root / f"shard-{s:03d}.tar", files)
+    return root
+
+
+def folder_with_bad_files(root: Path, good: int) -> Path:
+    """An imagefolder of `good` usable images and 3 bad files, one of each kind."""
+    root.mkdir(parents=True)
+    for i in range(good):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(root / f"good{i}.png")
+        (root / f"good{i}.txt").write_text(f"a red square number {i}")
+    (root / "bad0.png").write_bytes(b"not an image")
+    (root / "bad0.txt").write_text("an undecodable image")
+    Image.new("RGB", (32, 32)).save(root / "bad1.png")
+    (root / "bad1.txt").write_text("  ")  # an empty caption
+    Image.new("RGB", (32, 32)).save(root / "bad2.png")  # no caption at all
     return root

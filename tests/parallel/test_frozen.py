@@ -8,11 +8,14 @@ from torchtitan.distributed import ParallelDims
 
 from flux.data.dataloader import collate
 from flux.data.dataset import CaptionedImages
+from flux.model.args import flux_configs
 from flux.parallel.frozen import parallelize_frozen
 from flux.sampling import Streams
 from flux.train_spec import build_preprocessor
 from tests.caches import job
-from tests.test_flow import ARGS, CPU
+
+ARGS = flux_configs["flux-debug"]
+CPU = torch.device("cpu")
 
 
 def test_the_compiled_channels_last_encoder_gives_the_plain_encoders_latents() -> None:

@@ -23,56 +23,73 @@ from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_compile
 from flux.parallel.tensor_parallel import apply_tensor_parallel
-from tests.launch import REFERENCE, ROOT, average_at, run_train
+from tests.launch import REFERENCE, REFERENCE_RUNS, ROOT, Ahead, Job, Run, Training, average_at
 from tests.model.helpers import model_inputs, randomize
 from tests.parallel.tp_worker import LAYOUTS
 
 FP32 = 1e-6  # fp32 rounding of sums taken in another order (the row-parallel all-reduce)
 
 
-@pytest.fixture(scope="module")
-def checked(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[str], dict]]:
-    """What tests.parallel.tp_worker reports of a layout. The layouts of as many processes
-    are checked by one torchrun launch; the launches the selected tests need start side by
-    side when the first layout is asked for (each waits on start-up part of the time)."""
-    results: dict[str, dict] = {}
-    launches: dict[int, tuple[subprocess.Popen, Path]] = {}
+def start_layouts(nproc: int) -> Job:
+    """One torchrun launch of tests.parallel.tp_worker checks every layout of `nproc`
+    processes; the job is wanted when a selected test checks one of them."""
 
-    def launch(nproc: int) -> None:
-        names = [name for name, other in LAYOUTS.items() if other.processes == nproc]
-        folder = tmp_path_factory.mktemp(f"{nproc}-processes")
+    def start(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, Path]:
+        names = [name for name, layout in LAYOUTS.items() if layout.processes == nproc]
+        folder = factory.mktemp(f"{nproc}-processes")
         command = [
             *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
             *("-m", "tests.parallel.tp_worker", str(folder / "out.json"), str(folder), *names),
         ]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         with open(folder / "log", "w") as log:
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
-        launches[nproc] = process, folder
+            return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder
+
+    def wanted(items: list[pytest.Item]) -> bool:
+        return any(
+            item.module.__name__ == __name__
+            and LAYOUTS[item.callspec.params["layout"]].processes == nproc
+            for item in items
+            if "layout" in getattr(getattr(item, "callspec", None), "params", {})
+        )
+
+    return Job(start, wanted=wanted)
+
+
+CP2 = ("--parallelism.context_parallel_degree", "2")
+
+
+def start_cp_resume(factory: pytest.TempPathFactory) -> Training:
+    """The TP reference's step-2 checkpoint resumed with the tokens split over two processes
+    (CP, with FSDP over them)."""
+    dump = factory.mktemp("cp") / "run"
+    tp_checkpoint = REFERENCE_RUNS["tp"].dump_folder / "checkpoint" / "step-2"
+    shutil.copytree(tp_checkpoint, dump / "checkpoint" / "step-2")
+    return Training(dump, *REFERENCE, *CP2, nproc=2)
+
+
+AHEAD = Ahead(  # started in the background (conftest)
+    layouts_of_2=start_layouts(2),
+    layouts_of_4=start_layouts(4),
+    cp_resumed=Job(start_cp_resume, after=("tp",)),
+)
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """What tests.parallel.tp_worker reports of a layout (from the launch of its number of
+    processes, started ahead)."""
+    results: dict[str, dict] = {}
 
     def of(layout: str) -> dict:
-        if not launches:
-            selected = {layout}  # and the layouts of this file's other selected tests
-            for item in request.session.items:
-                params = getattr(item, "callspec", None)
-                if item.module is request.module and params and "layout" in params.params:
-                    selected.add(params.params["layout"])
-            for nproc in sorted({LAYOUTS[name].processes for name in selected}):
-                launch(nproc)
         if layout not in results:
             nproc = LAYOUTS[layout].processes
-            if nproc not in launches:
-                launch(nproc)
-            process, folder = launches[nproc]
+            process, folder = AHEAD.take(f"layouts_of_{nproc}", tmp_path_factory)
             assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
             results.update(json.loads((folder / "out.json").read_text()))
         return results[layout]
 
-    yield of
-    for process, _ in launches.values():
-        process.wait(timeout=600)
+    return of
 
 
 @pytest.fixture
@@ -147,19 +164,19 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
     assert result["text_encoders"] <= 1e-5
 
 
-CP2 = ("--parallelism.context_parallel_degree", "2")
+@pytest.fixture(scope="module")
+def cp_resumed(tp, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
+    training = AHEAD.take("cp_resumed", tmp_path_factory)
+    return training.finish(), training.dump_folder
 
 
 @pytest.mark.e2e
-def test_training_with_tp_follows_one_process_and_resumes_under_cp(single, tp, tmp_path) -> None:
+def test_training_with_tp_follows_one_process_and_resumes_under_cp(single, tp, cp_resumed) -> None:
     """The reference run of one process (tests/conftest.py) against the same run with its
     heads split over two processes (TP); then TP's step-2 checkpoint resumed with the tokens
     split over two processes instead (CP, with FSDP over them), which goes on as the
     reference went on. (Each layout's loss and gradients from the start: tp_worker.)"""
-    (reference, _), (tp_run, tp_dump) = single, tp
-    dump = tmp_path / "cp"
-    shutil.copytree(tp_dump / "checkpoint" / "step-2", dump / "checkpoint" / "step-2")
-    cp = run_train(dump, *REFERENCE, *CP2, nproc=2)
+    (reference, _), (tp_run, tp_dump), (cp, dump) = single, tp, cp_resumed
     for run, steps in ((reference, [1, 2, 3, 4]), (tp_run, [1, 2, 3, 4]), (cp, [3, 4])):
         assert run.returncode == 0, run.output[-3000:]
         assert sorted(run.losses) == steps

@@ -17,8 +17,9 @@ from flux.data import precomputed
 from flux.data.precomputed import shard_metadata
 from flux.data.shapes import shape_spec
 from tests.caches import make_cache
+from tests.data.images import folder_with_bad_files
 from tests.data.tars import make_shards, record, write_tar
-from tests.launch import ROOT, train_here
+from tests.launch import ROOT, Ahead, train_here
 
 
 def cached_keys(root: Path) -> list[str]:
@@ -70,27 +71,39 @@ def test_an_interrupted_precompute_resumes_losing_and_repeating_nothing(
     assert {name: (root / name).stat().st_mtime_ns for name in kept} == kept
 
 
-@pytest.mark.e2e
-def test_two_processes_precompute_every_sample_once(tmp_path) -> None:
-    root = tmp_path / "cache"
-    command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(root)]
+def start_two_processes(factory: pytest.TempPathFactory) -> tuple[list[subprocess.Popen], Path]:
+    """python -m flux.scripts.precompute as two processes (RANK, WORLD_SIZE) into one cache;
+    each one's output goes to log-RANK beside it."""
+    folder = factory.mktemp("two_processes")
+    command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(folder / "cache")]
     command += ["--num_samples", "24", "--shard_size", "5", "--workers", "0"]
-    processes = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], outputs
+    processes = []
+    for rank in range(2):
+        with open(folder / f"log-{rank}", "w") as log:
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2")
+            processes.append(
+                subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+    return processes, folder
+
+
+AHEAD = Ahead(two_processes=start_two_processes)  # started in the background (conftest)
+
+
+@pytest.fixture
+def two_processes(tmp_path_factory) -> tuple[list[subprocess.Popen], Path]:
+    return AHEAD.take("two_processes", tmp_path_factory)
+
+
+@pytest.mark.e2e
+def test_two_processes_precompute_every_sample_once(two_processes) -> None:
+    processes, folder = two_processes
+    returncodes = [p.wait(timeout=300) for p in processes]
+    outputs = [(folder / f"log-{rank}").read_text() for rank in range(2)]
+    assert returncodes == [0, 0], outputs
     assert "process 0 of 2 wrote 3 shards" in outputs[0]
     assert "process 1 of 2 wrote 2 shards" in outputs[1]
-    assert sorted(cached_keys(root), key=int) == [str(i) for i in range(24)]
+    assert sorted(cached_keys(folder / "cache"), key=int) == [str(i) for i in range(24)]
 
 
 def test_a_stream_is_precomputed_once_across_processes_and_an_interruption(
@@ -125,22 +138,6 @@ def test_a_restart_with_other_settings_is_refused(tmp_path, capsys) -> None:
         make_cache(root, 6, "--encoder.max_t5_encoding_len", "32")
     errors = [line for line in capsys.readouterr().err.splitlines() if "flux: error:" in line]
     assert len(errors) == 1 and "started with other settings" in errors[0], errors
-
-
-def folder_with_bad_files(root: Path, good: int) -> Path:
-    """An imagefolder of `good` usable images and 3 bad files, one of each kind."""
-    from PIL import Image
-
-    root.mkdir(parents=True)
-    for i in range(good):
-        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(root / f"good{i}.png")
-        (root / f"good{i}.txt").write_text(f"a red square number {i}")
-    (root / "bad0.png").write_bytes(b"not an image")
-    (root / "bad0.txt").write_text("an undecodable image")
-    Image.new("RGB", (32, 32)).save(root / "bad1.png")
-    (root / "bad1.txt").write_text("  ")  # an empty caption
-    Image.new("RGB", (32, 32)).save(root / "bad2.png")  # no caption at all
-    return root
 
 
 def test_precompute_counts_every_bad_file_it_skipped(tmp_path, capsys) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import ANSI, ROOT, Run, Training
+from tests.launch import ANSI, ROOT, Ahead, Run, Training
 
 pytestmark = pytest.mark.e2e
 
@@ -68,13 +68,12 @@ def test_slurm_script_refuses_a_bad_config_before_launching(tmp_path) -> None:
     assert "ChildFailedError" not in run.output  # refused before torchrun started
 
 
-@pytest.fixture(scope="module")
-def signalled(tmp_path_factory) -> tuple[Run, Path]:
+def signal_a_job(factory: pytest.TempPathFactory) -> tuple[Run, Path]:
     """A job of 40 steps on one node of 2 CPU ranks, told to stop after step 2 as
     `#SBATCH --signal=USR1@300` tells it: SLURM signals the processes of the job step
     (torchrun and the trainers), not the batch shell; the shell then requeues the job.
     The same job shows the script training: one launch for both tests."""
-    tmp_path = tmp_path_factory.mktemp("slurm")
+    tmp_path = factory.mktemp("slurm")
     dump = tmp_path / "run"
     args = ("--training.steps", "40", "--checkpoint.enable", "--checkpoint.interval", "1000")
     training = Training(dump, *args, env=slurm_env(tmp_path), script=SCRIPT)
@@ -82,6 +81,14 @@ def signalled(tmp_path_factory) -> tuple[Run, Path]:
     for pid in training.worker_pids().values():
         os.kill(pid, signal.SIGUSR1)
     return training.finish(), tmp_path
+
+
+AHEAD = Ahead(signalled=signal_a_job)  # played in the background (conftest)
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory) -> tuple[Run, Path]:
+    return AHEAD.take("signalled", tmp_path_factory)
 
 
 def test_slurm_script_trains_with_fsdp_over_the_node(signalled) -> None:
