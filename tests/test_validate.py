@@ -278,7 +278,7 @@ def start_recipe(factory: pytest.TempPathFactory) -> Training:
     )
 
 
-AHEAD = Ahead(recipe_run=start_recipe)  # started before the first test (conftest)
+AHEAD = Ahead(recipe_run=start_recipe)  # started in the background (conftest)
 
 
 @pytest.fixture(scope="module")

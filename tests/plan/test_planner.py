@@ -64,7 +64,7 @@ def start_measuring(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, 
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder
 
 
-AHEAD = Ahead(two_processes=start_measuring)  # started before the first test (conftest)
+AHEAD = Ahead(two_processes=start_measuring)  # started in the background (conftest)
 
 
 @pytest.fixture(scope="module")
