@@ -13,19 +13,25 @@ from flux.scripts import precompute
 DEBUG = str(DEBUG_CONFIG)
 
 
+def precompute_args(root: Path, num_samples: int, *args: str) -> list[str]:
+    """flux.scripts.precompute's arguments for a cache of the debug config's data (shapes
+    unless args say otherwise), made without data-loading workers."""
+    return ["--output", str(root), "--num_samples", str(num_samples), "--workers", "0", *args]
+
+
+PRECOMPUTE = [sys.executable, "-m", "flux.scripts.precompute"]  # the command
+
+
 def make_cache(root: Path, num_samples: int, *args: str) -> Path:
     """A finished cache of the debug config's data (shapes unless args say otherwise)."""
-    precompute.main(
-        ["--output", str(root), "--num_samples", str(num_samples), "--workers", "0", *args]
-    )
+    precompute.main(precompute_args(root, num_samples, *args))
     return root
 
 
 def make_cache_in_a_process(root: Path, num_samples: int, *args: str) -> Path:
     """make_cache, by `python -m flux.scripts.precompute`: what a background job (tests.launch
     .Job) uses, as it runs beside tests that share this process's state."""
-    command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(root)]
-    command += ["--num_samples", str(num_samples), "--workers", "0", *args]
+    command = [*PRECOMPUTE, *precompute_args(root, num_samples, *args)]
     done = subprocess.run(command, cwd=PACKAGE_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return root

@@ -47,14 +47,13 @@ def references(
 ) -> Iterator[dict[str, Training]]:
     """The reference runs the selected tests use, through ./run_train.sh, started side by
     side before the session's first test: they run while the tests before theirs do."""
-    trainings = {
-        name: Training(tmp_path_factory.mktemp(name) / "run", *args, nproc=nproc)
+    REFERENCE_RUNS.update(
+        (name, Training(tmp_path_factory.mktemp(name) / "run", *args, nproc=nproc))
         for name, (args, nproc) in REFERENCES.items()
         if selected_tests_use(request, name)
-    }
-    REFERENCE_RUNS.update(trainings)
-    yield trainings
-    for training in trainings.values():
+    )
+    yield REFERENCE_RUNS
+    for training in REFERENCE_RUNS.values():
         training.process.wait(timeout=300)
 
 

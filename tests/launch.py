@@ -5,6 +5,7 @@ background that starts the runs test files declare (their AHEAD) while other tes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -67,6 +68,27 @@ def run_train(dump_folder: Path, *args: str, nproc: int | str = 1, timeout: int 
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(done.returncode, ANSI.sub("", done.stdout + done.stderr))
+
+
+def start_worker(
+    folder: Path, nproc: int, module: str, *args: str
+) -> tuple[subprocess.Popen, Path]:
+    """A test's own worker (python -m MODULE ARGS) on `nproc` gloo processes under torchrun,
+    one thread each, its output in FOLDER/log: the process and the folder, for worker_report."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
+        *("-m", module, *args),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with open(folder / "log", "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder
+
+
+def worker_report(started: tuple[subprocess.Popen, Path], report: Path) -> dict:
+    """The JSON report a start_worker worker wrote, once it ended well (else its log's end)."""
+    process, folder = started
+    assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
+    return json.loads(report.read_text())
 
 
 def selected_tests_use(request: Any, fixture: str) -> bool:

@@ -205,7 +205,7 @@ AHEAD = Ahead(  # started in the background (conftest)
 
 
 @pytest.fixture
-def hsdp(fsdp, tmp_path_factory: pytest.TempPathFactory) -> Training:
+def hsdp(tmp_path_factory: pytest.TempPathFactory) -> Training:
     return AHEAD.take("hsdp", tmp_path_factory)
 
 

@@ -5,11 +5,8 @@ each other and with FSDP, and checkpoints that move between TP, FSDP and one pro
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +20,17 @@ from flux.model.args import flux_configs
 from flux.model.model import FluxModel
 from flux.parallel.parallelize import apply_compile
 from flux.parallel.tensor_parallel import apply_tensor_parallel
-from tests.launch import REFERENCE, REFERENCE_RUNS, ROOT, Ahead, Job, Run, Training, average_at
+from tests.launch import (
+    REFERENCE,
+    REFERENCE_RUNS,
+    Ahead,
+    Job,
+    Run,
+    Training,
+    average_at,
+    start_worker,
+    worker_report,
+)
 from tests.model.helpers import model_inputs, randomize
 from tests.parallel.tp_worker import LAYOUTS
 
@@ -37,13 +44,8 @@ def start_layouts(nproc: int) -> Job:
     def start(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, Path]:
         names = [name for name, layout in LAYOUTS.items() if layout.processes == nproc]
         folder = factory.mktemp(f"{nproc}-processes")
-        command = [
-            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)),
-            *("-m", "tests.parallel.tp_worker", str(folder / "out.json"), str(folder), *names),
-        ]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        with open(folder / "log", "w") as log:
-            return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder
+        report = str(folder / "out.json")
+        return start_worker(folder, nproc, "tests.parallel.tp_worker", report, str(folder), *names)
 
     def wanted(items: list[pytest.Item]) -> bool:
         return any(
@@ -84,9 +86,8 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
     def of(layout: str) -> dict:
         if layout not in results:
             nproc = LAYOUTS[layout].processes
-            process, folder = AHEAD.take(f"layouts_of_{nproc}", tmp_path_factory)
-            assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
-            results.update(json.loads((folder / "out.json").read_text()))
+            started = AHEAD.take(f"layouts_of_{nproc}", tmp_path_factory)
+            results.update(worker_report(started, started[1] / "out.json"))
         return results[layout]
 
     return of
@@ -165,7 +166,7 @@ def test_a_parallel_layout_gives_one_process_loss_gradients_and_checkpoints(
 
 
 @pytest.fixture(scope="module")
-def cp_resumed(tp, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
+def cp_resumed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Path]:
     training = AHEAD.take("cp_resumed", tmp_path_factory)
     return training.finish(), training.dump_folder
 

@@ -5,10 +5,7 @@ allocator and torch.distributed's own collective calls."""
 from __future__ import annotations
 
 import functools
-import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from flux.model.model import FluxModel
 from flux.plan.planner import Plan, PlanSettings, plan
 from flux.plan.step import EMA, GRADIENTS, OPTIMIZER, PARAMETERS
 from flux.seam import use_cpu_if_no_accelerator
-from tests.launch import ROOT, Ahead
+from tests.launch import Ahead, start_worker, worker_report
 from tests.plan.helpers import MID, RUNS, TWO_PROCESS_RUNS, measure, register_mid
 
 TOLERANCE = 0.15
@@ -55,13 +52,7 @@ def one_process() -> dict:
 def start_measuring(factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, Path]:
     """tests.plan.measure_worker on two gloo processes, writing two.json in its folder."""
     folder = factory.mktemp("measured")
-    command = [
-        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
-        *("-m", "tests.plan.measure_worker", str(folder / "two.json")),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(folder / "log", "w") as log:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), folder
+    return start_worker(folder, 2, "tests.plan.measure_worker", str(folder / "two.json"))
 
 
 AHEAD = Ahead(two_processes=start_measuring)  # started in the background (conftest)
@@ -71,9 +62,8 @@ AHEAD = Ahead(two_processes=start_measuring)  # started in the background (conft
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The runs stepped for real by two gloo processes (rank 0's view): FSDP over both, and
     the debug flavor with tensor and with context parallelism (torchrun: e2e tests)."""
-    process, folder = AHEAD.take("two_processes", tmp_path_factory)
-    assert process.wait(timeout=600) == 0, (folder / "log").read_text()[-3000:]
-    return json.loads((folder / "two.json").read_text())
+    started = AHEAD.take("two_processes", tmp_path_factory)
+    return worker_report(started, started[1] / "two.json")
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from flux.data import precomputed
 from flux.data.precomputed import shard_metadata
 from flux.data.shapes import shape_spec
-from tests.caches import make_cache
+from tests.caches import PRECOMPUTE, make_cache, precompute_args
 from tests.data.images import folder_with_bad_files
 from tests.data.tars import make_shards, record, write_tar
 from tests.launch import ROOT, Ahead, train_here
@@ -75,8 +74,7 @@ def start_two_processes(factory: pytest.TempPathFactory) -> tuple[list[subproces
     """python -m flux.scripts.precompute as two processes (RANK, WORLD_SIZE) into one cache;
     each one's output goes to log-RANK beside it."""
     folder = factory.mktemp("two_processes")
-    command = [sys.executable, "-m", "flux.scripts.precompute", "--output", str(folder / "cache")]
-    command += ["--num_samples", "24", "--shard_size", "5", "--workers", "0"]
+    command = [*PRECOMPUTE, *precompute_args(folder / "cache", 24, "--shard_size", "5")]
     processes = []
     for rank in range(2):
         with open(folder / f"log-{rank}", "w") as log:
